@@ -1,0 +1,254 @@
+"""MultiheadAttention: a drop-in for ``torch.nn.MultiheadAttention`` over our functional core.
+
+Shape legend: N batch, L query length, S key length, E embed dim, H heads, D head dim (E / H),
+X extra key slots (``add_bias_kv`` and ``add_zero_attn``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+
+# torch's own out_proj class: a Linear that dynamic quantization leaves alone, because forward
+# reads out_proj.weight directly. Using it keeps quantization behaviour identical to torch's.
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .functional import attention
+from .masks import canonical_mask
+from .projection import (
+    append_extra_keys,
+    merge_heads,
+    packed_in_projection,
+    separate_in_projection,
+    split_heads,
+)
+from .validation import (
+    check_dropout,
+    check_heads,
+    check_inputs,
+    check_masks,
+    check_optional_dim,
+    check_positive_int,
+)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with the constructor, parameters, state_dict and numbers of
+    ``torch.nn.MultiheadAttention``.
+
+    Args:
+        embed_dim: E, the model width; must be divisible by ``num_heads``.
+        num_heads: H, the number of heads; each has D = E / H dims.
+        dropout: dropout probability on the attention weights in training, in [0, 1).
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learnt key and value slot ``(1, 1, E)`` to every sequence.
+        add_zero_attn: append an all-zero key and value slot to every sequence.
+        kdim, vdim: Ek, Ev, the key / value embedding dims (default E).
+        batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
+        device, dtype: where and in what dtype the parameters are created.
+
+    Differences from torch (deliberate): ``is_causal=True`` always applies the causal mask, on
+    top of ``attn_mask`` if given; a query whose keys are all masked gets zero attention and
+    zero weights instead of NaN; bad input raises a ``ValueError`` / ``TypeError`` that names
+    the argument.
+    """
+
+    __constants__: ClassVar[list[str]] = ["batch_first"]
+    bias_k: Tensor | None
+    bias_v: Tensor | None
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        num_heads = check_positive_int("num_heads", num_heads)
+        check_heads(embed_dim, num_heads)
+        dropout = check_dropout(dropout)
+        kdim = check_optional_dim("kdim", kdim)
+        vdim = check_optional_dim("vdim", vdim)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+
+        # Registration order is torch's, so state_dict keys come in the same order.
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(
+                torch.empty(3 * embed_dim, embed_dim, **factory_kwargs)
+            )
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory_kwargs))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        # Linear's own init draws here (weight, then bias), before _reset_parameters, as in torch.
+        self.out_proj = NonDynamicallyQuantizableLinear(
+            embed_dim, embed_dim, bias=bias, **factory_kwargs
+        )
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory_kwargs))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory_kwargs))
+        else:
+            # Plain attributes, not registered parameters: torch's state_dict has no such keys.
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        """Redraws the parameters in torch's order: xavier-uniform weights, zero biases,
+        xavier-normal bias_k then bias_v. (out_proj.weight keeps its Linear init.)"""
+        if self._qkv_same_embed_dim:
+            xavier_uniform_(self.in_proj_weight)
+        else:
+            xavier_uniform_(self.q_proj_weight)
+            xavier_uniform_(self.k_proj_weight)
+            xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            constant_(self.in_proj_bias, 0.0)
+            constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            xavier_normal_(self.bias_v)
+
+    def __setstate__(self, state: dict) -> None:
+        # Pickles from torch 1.1 predate _qkv_same_embed_dim; they always had a packed weight.
+        state.setdefault("_qkv_same_embed_dim", True)
+        super().__setstate__(state)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attends from ``query`` to ``key`` / ``value``.
+
+        Args:
+            query: ``(L, N, E)``, ``(N, L, E)`` with ``batch_first``, or ``(L, E)`` unbatched.
+            key: ``(S, N, Ek)``, ``(N, S, Ek)`` or ``(S, Ek)``.
+            value: ``(S, N, Ev)``, ``(N, S, Ev)`` or ``(S, Ev)``.
+            key_padding_mask: ``(N, S)`` or ``(S,)``; bool (True = ignore that key) or float
+                (added to the logits).
+            need_weights: also return the attention weights.
+            attn_mask: ``(L, S)`` or ``(N * H, L, S)`` (``(H, L, S)`` unbatched), batch-major;
+                bool (True = not allowed to attend) or float (added to the logits).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: apply the causal mask (query i sees keys j <= i), together with
+                ``attn_mask`` when one is given.
+
+        Returns:
+            ``(attn_output, attn_weights)``: output shaped like ``query`` with E features;
+            weights ``(N, L, S + X)`` averaged or ``(N, H, L, S + X)`` per head (without N when
+            unbatched), or None when ``need_weights=False``.
+
+        Raises:
+            TypeError: a non-tensor input, a mask of a non-bool non-float dtype, or an input
+                dtype that differs from the layer's.
+            ValueError: a wrong rank, embedding size, sequence or batch size, or mask shape.
+        """
+        is_batched = check_inputs(
+            query,
+            key,
+            value,
+            embed_dim=self.embed_dim,
+            kdim=self.kdim,
+            vdim=self.vdim,
+            dtype=self.out_proj.weight.dtype,
+            batch_first=self.batch_first,
+        )
+        seq_dim = 1 if (self.batch_first and is_batched) else 0
+        batch_size = query.shape[1 - seq_dim] if is_batched else 1
+        query_len, key_len = query.shape[seq_dim], key.shape[seq_dim]
+        batch_first = self.batch_first or not is_batched  # unbatched inputs become (1, L, E)
+        check_masks(
+            key_padding_mask,
+            attn_mask,
+            is_batched=is_batched,
+            batch_size=batch_size,
+            num_heads=self.num_heads,
+            query_len=query_len,
+            key_len=key_len,
+        )
+
+        q, k, v = self._in_projection(query, key, value)  # (..., E) in the caller's layout
+        if not is_batched:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, L or S, E)
+        q, k, v = (split_heads(x, self.num_heads, batch_first) for x in (q, k, v))  # (N, H, *, D)
+        k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
+        mask, causal = canonical_mask(
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            batch_size=batch_size,
+            num_heads=self.num_heads,
+            query_len=query_len,
+            key_len=key_len,
+            extra_keys=k.shape[2] - key_len,
+            dtype=q.dtype,
+            device=q.device,
+        )
+        out, weights = attention(
+            q,
+            k,
+            v,
+            mask,
+            is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            average_weights=average_attn_weights,
+        )  # (N, H, L, D), weights (N, [H,] L, S + X)
+        out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not is_batched:
+            out = out.squeeze(0)  # (L, E)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _in_projection(
+        self, query: Tensor, key: Tensor, value: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if self._qkv_same_embed_dim:
+            return packed_in_projection(query, key, value, self.in_proj_weight, self.in_proj_bias)
+        return separate_in_projection(
+            query,
+            key,
+            value,
+            self.q_proj_weight,
+            self.k_proj_weight,
+            self.v_proj_weight,
+            self.in_proj_bias,
+        )

@@ -1,0 +1,103 @@
+"""Torch-MHA masks -> one canonical additive mask, in one place.
+
+Shape legend: N batch, L query length, S key length, H heads, X extra key slots
+(``add_bias_kv`` and ``add_zero_attn``).
+
+Polarity. ``torch.nn.MultiheadAttention`` takes bool masks where True means *ignore this key*,
+and float masks that are *added* to the logits. Every accepted form becomes one additive float
+mask, broadcastable to ``(N, H, L, S + X)``, where 0 means attend and -inf means masked::
+
+    bool (True = masked)      additive
+    [[F, T, T],               [[0, -inf, -inf],
+     [F, F, T],       ->       [0,    0, -inf],
+     [F, F, F]]                [0,    0,    0]]
+
+(that one is the causal mask: query i sees keys j <= i). The extra key slots are always
+attendable, so the mask is padded with zeros for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Turns a bool (True = masked) or float (additive) mask into an additive mask of ``dtype``."""
+    if mask.dtype == torch.bool:
+        # A fresh tensor, so masked_fill_ below never touches the caller's mask.
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    return mask.to(dtype)
+
+
+def causal_mask(query_len: int, key_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Additive causal mask ``(L, S)``, aligned top-left as SDPA's ``is_causal``: i sees j <= i."""
+    return torch.full((query_len, key_len), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+def canonical_mask(
+    *,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    batch_size: int,
+    num_heads: int,
+    query_len: int,
+    key_len: int,
+    extra_keys: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor | None, bool]:
+    """Merges torch's masks into one additive mask.
+
+    Args:
+        key_padding_mask: ``(N, S)`` (or ``(S,)`` with N = 1), bool or float.
+        attn_mask: ``(L, S)`` or ``(N * H, L, S)`` (batch-major), bool or float.
+        is_causal: also mask keys j > i, whether or not ``attn_mask`` is given.
+        extra_keys: number of always-attendable key slots appended after the S real keys.
+
+    Returns:
+        ``(mask, causal)``. ``mask`` is additive, broadcastable to ``(N, H, L, S + X)``, or None.
+        ``causal`` is True only when causality is *not* in ``mask`` and the kernel must apply it;
+        that happens when causal is the only constraint, so a kernel can skip whole blocks.
+    """
+    if is_causal and attn_mask is None and key_padding_mask is None and extra_keys == 0:
+        return None, True
+
+    mask: Tensor | None = None
+    if attn_mask is not None:
+        mask = to_additive(attn_mask, dtype)
+        if mask.dim() == 3:
+            mask = mask.view(batch_size, num_heads, query_len, key_len)  # (N, H, L, S)
+    if key_padding_mask is not None:
+        padding = to_additive(key_padding_mask, dtype).view(batch_size, 1, 1, key_len)
+        mask = padding if mask is None else mask + padding  # (N, 1 or H, L or 1, S)
+    if is_causal:
+        causal = causal_mask(query_len, key_len, dtype, device)  # (L, S)
+        mask = causal if mask is None else mask + causal
+    if mask is not None and extra_keys:
+        mask = F.pad(mask, (0, extra_keys))  # (..., S + X); the extra slots stay attendable
+    return mask, False
+
+
+def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Finds the query rows whose keys are all masked, and unmasks them for the kernel.
+
+    Softmax over an empty set is undefined; we define the attention of such a row as zero.
+    The kernel sees those rows fully unmasked (so nothing is NaN, in forward or backward), and
+    the caller zeroes them afterwards with the returned ``empty`` mask.
+
+    Args:
+        mask: additive mask broadcastable to ``(N, H, L, S)``, or None.
+
+    Returns:
+        ``(mask, empty)``: the mask with empty rows set to 0, and a bool ``(..., L, 1)`` tensor
+        that is True on empty rows (broadcastable to both weights and outputs), or ``(None, None)``.
+    """
+    if mask is None:
+        return None, None
+    empty = (mask == float("-inf")).all(dim=-1, keepdim=True)  # (..., L, 1)
+    return mask.masked_fill(empty, 0.0), empty

@@ -1,0 +1,91 @@
+"""Input and head projections: embeddings -> per-head q, k, v, and back.
+
+Shape legend: N batch, L query length, S key length, E embed dim, H heads, D head dim (E / H),
+Ek / Ev the key / value embedding dims (``kdim`` / ``vdim``).
+
+Layouts: torch's inputs are ``(L, N, E)`` by default and ``(N, L, E)`` with ``batch_first``.
+We project in the caller's layout (a GEMM does not care) and go to ``(N, H, L, D)`` once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def packed_in_projection(
+    query: Tensor, key: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Projects q, k, v with one packed weight ``(3E, E)`` whose rows are q, then k, then v.
+
+    Self-attention (``query is key is value``) runs one GEMM; encoder-decoder attention
+    (``key is value``) runs two. Inputs ``(..., E)``; outputs ``(..., E)`` each.
+    """
+    if query is key and key is value:
+        return F.linear(query, weight, bias).chunk(3, dim=-1)  # 3 x (..., E)
+    embed_dim = weight.shape[1]
+    w_q, w_kv = weight.split([embed_dim, 2 * embed_dim])
+    b_q, b_kv = (None, None) if bias is None else bias.split([embed_dim, 2 * embed_dim])
+    q = F.linear(query, w_q, b_q)
+    if key is value:
+        k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)  # 2 x (..., E)
+        return q, k, v
+    w_k, w_v = w_kv.chunk(2)
+    b_k, b_v = (None, None) if b_kv is None else b_kv.chunk(2)
+    return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def separate_in_projection(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Projects q ``(..., E)``, k ``(..., Ek)`` and v ``(..., Ev)`` to ``(..., E)`` each.
+
+    ``bias`` is the packed ``(3E,)`` in-projection bias (q, k, v), or None.
+    """
+    b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+    return (
+        F.linear(query, q_weight, b_q),
+        F.linear(key, k_weight, b_k),
+        F.linear(value, v_weight, b_v),
+    )
+
+
+def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
+    """``(N, L, E)`` (batch_first) or ``(L, N, E)`` -> ``(N, H, L, D)``, as a view."""
+    x = x.unflatten(-1, (num_heads, -1))  # (N, L, H, D) or (L, N, H, D)
+    return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
+
+
+def merge_heads(x: Tensor, batch_first: bool) -> Tensor:
+    """``(N, H, L, D)`` -> ``(N, L, E)`` (batch_first) or ``(L, N, E)``."""
+    x = x.transpose(1, 2) if batch_first else x.permute(2, 0, 1, 3)  # (N, L, H, D) or (L, N, H, D)
+    return x.flatten(-2)  # (N, L, E) or (L, N, E)
+
+
+def append_extra_keys(
+    k: Tensor, v: Tensor, bias_k: Tensor | None, bias_v: Tensor | None, add_zero_attn: bool
+) -> tuple[Tensor, Tensor]:
+    """Appends the learnt bias key/value slot, then the all-zero slot, as torch does.
+
+    Args:
+        k, v: ``(N, H, S, D)``.
+        bias_k, bias_v: ``(1, 1, E)`` or None (both or neither).
+
+    Returns:
+        k, v: ``(N, H, S + X, D)`` where X counts the slots added.
+    """
+    batch, heads, _, head_dim = k.shape
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+        v = torch.cat([v, bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
+    if add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)  # (N, H, S + X, D)
+        v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
+    return k, v
