@@ -98,7 +98,8 @@ def test_matches_torch(cfg, record_error, count_case):
 
 def fast_path_configs():
     """Calls that torch sends through its native inference fast path: batched, batch_first,
-    self-attention, packed weights with biases, even heads, no bias_kv / zero_attn, bool masks or none."""
+    self-attention, packed weights with biases, even heads, no bias_kv / zero_attn, and bool
+    masks or none."""
 
     def eligible(cfg):
         return replace(
