@@ -54,7 +54,7 @@ def leaves(inputs):
     return unique
 
 
-@settings(max_examples=400)
+@settings(max_examples=1000)
 @given(cfg=configs())
 def test_matches_torch(cfg, record_error, count_case):
     ours, theirs, init_equal = make_layers(cfg)
@@ -122,7 +122,7 @@ def fast_path_configs():
     return configs().map(eligible)
 
 
-@settings(max_examples=60)
+@settings(max_examples=150)
 @given(cfg=fast_path_configs())
 def test_matches_torch_fast_path_in_inference(cfg, record_error, count_case):
     """eval + no_grad: torch answers through torch._native_multi_head_attention."""

@@ -33,7 +33,7 @@ def test_is_causal_without_mask_applies_the_causal_mask(training, need_weights, 
     padding = torch.tensor([[False] * 4 + [True], [False] * 5]) if kpm else None
     with torch.no_grad():
         out, w = ours(x, x, x, key_padding_mask=padding, need_weights=need_weights, is_causal=True)
-        explicit, w_explicit = ours(
+        explicit, _ = ours(
             x, x, x, key_padding_mask=padding, need_weights=need_weights, attn_mask=causal_bool(5)
         )
     ref, ref_w = theirs(

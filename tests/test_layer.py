@@ -165,3 +165,41 @@ def test_output_and_weight_shapes(batch_first, average):
     assert w.shape == ((q_len, s_len + 2) if average else (3, q_len, s_len + 2))
     _, none = layer(q, kv, kv, need_weights=False)
     assert none is None
+
+
+def test_never_calls_torchs_attention(monkeypatch):
+    """torch's class is the oracle, never the engine."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch's multi-head attention was called")
+
+    monkeypatch.setattr(torch.nn.functional, "multi_head_attention_forward", forbidden)
+    monkeypatch.setattr(torch.nn.MultiheadAttention, "forward", forbidden)
+    monkeypatch.setattr(torch, "_native_multi_head_attention", forbidden)
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True, kdim=3)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 4, 3)
+    v = torch.randn(2, 4, 8)
+    layer(q, k, v)[0].sum().backward()
+    layer.eval()
+    with torch.no_grad():
+        layer(q, k, v, need_weights=False)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_low_precision_dtypes_match_torch(dtype, tol, need_weights):
+    cfg = dict(embed_dim=32, num_heads=4, batch_first=True)
+    ours = build(multihead.MultiheadAttention, cfg).to(dtype)
+    theirs = build(torch.nn.MultiheadAttention, cfg).to(dtype)
+    x = torch.randn(2, 7, 32).to(dtype)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    out, w = ours(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+    ref, ref_w = theirs(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    if need_weights:
+        assert w.dtype == dtype
+        torch.testing.assert_close(w, ref_w, atol=tol, rtol=tol)

@@ -20,7 +20,7 @@ def _np(x):
     return None if x is None else x.detach().numpy()
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(cfg=configs(), is_causal=st.booleans(), empty_rows=st.booleans())
 def test_matches_numpy_reference(cfg, is_causal, empty_rows, record_error, count_case):
     attn_kind = None if cfg.attn_mask == "causal" else cfg.attn_mask

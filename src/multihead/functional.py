@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import split_empty_rows
+from .masks import causal_mask, split_empty_rows
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: bool) -> Tensor:
@@ -65,6 +65,11 @@ def attention(
     Returns:
         ``(out, weights)``: out ``(N, H, L, D)``; weights as above, or None.
     """
+    if is_causal and mask is not None:
+        # One constraint form per call: the kernel's causal flag only ever comes alone, so that
+        # rows emptied by causal and mask together are found by split_empty_rows.
+        mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
+        is_causal = False
     mask, empty = split_empty_rows(mask)
     weights = None
     if need_weights:
