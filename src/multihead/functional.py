@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import causal_mask, split_empty_rows
+from .weights import averaged_attention_weights, blockwise_attention_with_weights
 
 
 def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: bool) -> Tensor:
@@ -33,6 +34,36 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: b
     return torch.softmax(scores, dim=-1)
 
 
+def select_path(
+    *, need_weights: bool, average_weights: bool, dropout_p: float, needs_grad: bool
+) -> str:
+    """The one dispatch point; returns which kernel :func:`attention` runs.
+
+    - ``"sdpa"``: ``need_weights=False``. ``F.scaled_dot_product_attention`` (flash / fused
+      kernels, causal as a flag so it can skip blocks), in training and inference alike.
+    - ``"blockwise"``: weights without dropout or autograd (inference). One pass over query
+      blocks computes each block's probabilities once and takes both output rows and weight
+      rows from them: peak memory is the result plus one ``(N, H, B, S)`` block.
+    - ``"sdpa+averaged_weights"``: averaged weights under autograd, without dropout. The output
+      comes from SDPA
+      and the weights from :func:`multihead.weights.averaged_attention_weights`, block by block,
+      so no ``(N, H, L, S)`` tensor exists and the output's backward does not go through the
+      weights.
+    - ``"explicit"``: per-head weights, or weights under dropout (the returned weights are the
+      ones after dropout, and the output must use exactly those). Materialises
+      softmax(q k^T / sqrt(D) + mask), as torch does.
+    """
+    if not need_weights:
+        return "sdpa"
+    if dropout_p > 0.0:
+        return "explicit"
+    if not needs_grad:
+        return "blockwise"
+    if average_weights:
+        return "sdpa+averaged_weights"
+    return "explicit"
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -46,11 +77,7 @@ def attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
-    This is the one dispatch point that chooses the kernel:
-
-    - ``need_weights=False``: ``F.scaled_dot_product_attention`` (flash / fused kernels).
-    - ``need_weights=True``: the explicit softmax(q k^T / sqrt(D) + mask) v, whose weights are
-      returned after dropout, as torch does.
+    Every path (see :func:`select_path`) computes the same numbers, to rounding.
 
     Args:
         q: ``(N, H, L, D)``.
@@ -71,20 +98,34 @@ def attention(
         mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
         is_causal = False
     mask, empty = split_empty_rows(mask)
-    weights = None
-    if need_weights:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mask)
+    )
+    path = select_path(
+        need_weights=need_weights,
+        average_weights=average_weights,
+        dropout_p=dropout_p,
+        needs_grad=needs_grad,
+    )
+    if path == "explicit":
         weights = attention_weights(q, k, mask, is_causal=is_causal)
         if empty is not None:
             weights = weights.masked_fill(empty, 0.0)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         out = torch.matmul(weights, v)  # (N, H, L, D)
-        if average_weights:
-            weights = weights.mean(dim=1)  # (N, L, S)
-    else:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
-        )  # (N, H, L, D)
-        if empty is not None:
-            out = out.masked_fill(empty, 0.0)
+        return out, weights.mean(dim=1) if average_weights else weights
+    if path == "blockwise":
+        return blockwise_attention_with_weights(
+            q, k, v, mask, empty, is_causal=is_causal, average_weights=average_weights
+        )
+
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+    )  # (N, H, L, D)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    weights = None
+    if path == "sdpa+averaged_weights":
+        weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
     return out, weights
