@@ -59,7 +59,7 @@ def separate_in_projection(
 
 def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     """``(N, L, E)`` (batch_first) or ``(L, N, E)`` -> ``(N, H, L, D)``, as a view."""
-    x = x.unflatten(-1, (num_heads, -1))  # (N, L, H, D) or (L, N, H, D)
+    x = x.view(x.shape[0], x.shape[1], num_heads, -1)  # (N, L, H, D) or (L, N, H, D)
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
 
 
