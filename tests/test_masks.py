@@ -82,3 +82,28 @@ def test_split_empty_rows():
     assert empty.tolist() == [[False], [True]]
     assert unmasked.tolist() == [[0.0, INF], [0.0, 0.0]]
     assert split_empty_rows(None) == (None, None)
+
+
+def test_causal_pattern_detection():
+    from multihead.masks import is_causal_pattern
+
+    for q_len, s_len in [(1, 1), (3, 3), (2, 5), (5, 2)]:
+        bool_mask = torch.ones(q_len, s_len, dtype=torch.bool).triu(1)
+        float_mask = causal_mask(q_len, s_len, torch.float32, torch.device("cpu"))
+        assert is_causal_pattern(bool_mask) and is_causal_pattern(float_mask)
+        assert not is_causal_pattern(bool_mask.expand(2, q_len, s_len))
+    near = causal_mask(4, 4, torch.float32, torch.device("cpu"))
+    near[2, 0] = -1.0
+    assert not is_causal_pattern(near)
+    banded = torch.ones(4, 4, dtype=torch.bool).triu(1)
+    banded[3, 0] = True
+    assert not is_causal_pattern(banded)
+    assert not is_causal_pattern(torch.zeros(3, 3, dtype=torch.bool))
+
+
+def test_a_causal_attn_mask_becomes_the_kernel_flag():
+    pattern = torch.ones(2, 2, dtype=torch.bool).triu(1)
+    assert common(attn_mask=pattern) == (None, True)
+    assert common(attn_mask=pattern, is_causal=True) == (None, True)
+    mask, causal = common(attn_mask=pattern, key_padding_mask=torch.zeros(2, 2, dtype=torch.bool))
+    assert not causal and mask.shape == (2, 1, 2, 2)

@@ -38,6 +38,21 @@ def causal_mask(query_len: int, key_len: int, dtype: torch.dtype, device: torch.
     return torch.full((query_len, key_len), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
+def is_causal_pattern(mask: Tensor) -> bool:
+    """Whether a 2-D ``(L, S)`` mask is exactly the causal mask (bool True / float -inf on
+    j > i, and attend / 0.0 elsewhere). Data-dependent, so never asked under torch.compile."""
+    if mask.dim() != 2 or torch.compiler.is_compiling():
+        return False
+    query_len, key_len = mask.shape
+    if mask.dtype == torch.bool:
+        expected = torch.ones(query_len, key_len, dtype=torch.bool, device=mask.device).triu_(1)
+        return torch.equal(mask, expected)
+    # Cheap rejection on two corners before the full comparison.
+    if query_len > 1 and key_len > 1 and not (mask[0, -1] == float("-inf") and mask[-1, 0] == 0):
+        return False
+    return torch.equal(mask, causal_mask(query_len, key_len, mask.dtype, mask.device))
+
+
 def canonical_mask(
     *,
     key_padding_mask: Tensor | None,
@@ -62,10 +77,16 @@ def canonical_mask(
     Returns:
         ``(mask, causal)``. ``mask`` is additive, broadcastable to ``(N, H, L, S + X)``, or None.
         ``causal`` is True only when causality is *not* in ``mask`` and the kernel must apply it;
-        that happens when causal is the only constraint, so a kernel can skip whole blocks.
+        that happens when causal is the only constraint (from ``is_causal``, or an ``attn_mask``
+        that is exactly the causal pattern), so a kernel can skip whole blocks.
     """
-    if is_causal and attn_mask is None and key_padding_mask is None and extra_keys == 0:
-        return None, True
+    if key_padding_mask is None and extra_keys == 0:
+        if attn_mask is not None and is_causal_pattern(attn_mask):
+            # A causal mask given as a tensor runs as fast as is_causal: the kernel can skip
+            # the blocks above the diagonal instead of adding -inf to them.
+            attn_mask, is_causal = None, True
+        if is_causal and attn_mask is None:
+            return None, True
 
     mask: Tensor | None = None
     if attn_mask is not None:

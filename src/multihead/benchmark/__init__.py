@@ -1,0 +1,1 @@
+"""Benchmarks of multihead against torch.nn.MultiheadAttention (``python -m multihead bench``)."""
