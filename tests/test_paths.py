@@ -217,3 +217,37 @@ def test_layer_matches_torch_across_block_boundaries(monkeypatch, block_rows, tr
         ref_g = torch.autograd.grad((ref.sum() + ref_w.square().sum()), [x, *theirs.parameters()])
         for a, b in zip(g, ref_g, strict=True):
             torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("need_weights", "training"), [(False, False), (False, True), (True, False), (True, True)]
+)
+def test_low_precision_error_is_at_most_twice_torchs(dtype, need_weights, training):
+    """flash-attn's rule: in a low-precision dtype, our error against the float64 result is at
+    most twice torch's own error in that dtype (plus a hair for ties at tiny errors)."""
+    torch.manual_seed(0)
+    kwargs = dict(batch_first=True)
+    exact = multihead.MultiheadAttention(64, 4, dtype=torch.float64, **kwargs)
+    ours = multihead.MultiheadAttention(64, 4, dtype=dtype, **kwargs).train(training)
+    theirs = torch.nn.MultiheadAttention(64, 4, dtype=dtype, **kwargs).train(training)
+    ours.load_state_dict(exact.state_dict())
+    theirs.load_state_dict(exact.state_dict())
+    x64 = torch.randn(2, 300, 64, dtype=torch.float64)
+    padding = torch.zeros(2, 300, dtype=torch.bool)
+    padding[1, 200:] = True
+    x = x64.to(dtype)
+    with torch.set_grad_enabled(training):
+        ref_out, ref_w = exact(x64, x64, x64, key_padding_mask=padding, need_weights=need_weights)
+        out, w = ours(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+        t_out, t_w = theirs(x, x, x, key_padding_mask=padding, need_weights=need_weights)
+    assert out.dtype == dtype
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    eps = torch.finfo(dtype).eps
+    assert err(out, ref_out) <= 2 * err(t_out, ref_out) + eps
+    if need_weights:
+        assert w.dtype == dtype
+        assert err(w, ref_w) <= 2 * err(t_w, ref_w) + eps

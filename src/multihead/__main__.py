@@ -1,4 +1,4 @@
-"""Command line: ``python -m multihead demo``."""
+"""Command line: ``python -m multihead demo`` and ``python -m multihead bench``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from .benchmark import cli as bench_cli
 from .demo import seed_example
 from .layer import MultiheadAttention
 
@@ -22,8 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="multihead", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="run the seed example with multihead.MultiheadAttention")
+    bench_cli.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="benchmark against torch.nn.MultiheadAttention (time, memory, FLOP/s, ORT)",
+            description="Benchmark multihead.MultiheadAttention against "
+            "torch.nn.MultiheadAttention; writes benchmarks/results/.",
+        )
+    )
     args = parser.parse_args(argv)
-    handlers = {"demo": _demo}
+    handlers = {"demo": _demo, "bench": bench_cli.main}
     return handlers[args.command](args)
 
 

@@ -25,6 +25,7 @@ from .projection import (
     packed_in_projection,
     separate_in_projection,
     split_heads,
+    split_packed_heads,
 )
 from .validation import (
     check_dropout,
@@ -204,10 +205,7 @@ class MultiheadAttention(nn.Module):
             key_len=key_len,
         )
 
-        q, k, v = self._in_projection(query, key, value)  # (..., E) in the caller's layout
-        if not is_batched:
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, L or S, E)
-        q, k, v = (split_heads(x, self.num_heads, batch_first) for x in (q, k, v))  # (N, H, *, D)
+        q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H, *, D)
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         mask, causal = canonical_mask(
             key_padding_mask=key_padding_mask,
@@ -237,6 +235,25 @@ class MultiheadAttention(nn.Module):
             out = out.squeeze(0)  # (L, E)
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
+
+    def _project_heads(
+        self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool, batch_first: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Input projections split into heads: q ``(N, H, L, D)``, k and v ``(N, H, S, D)``."""
+        if self._qkv_same_embed_dim and query is key and key is value:
+            # Self-attention: one GEMM, then one view and one permute for all of q, k and v.
+            proj = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (..., 3E)
+            if not is_batched:
+                proj = proj.unsqueeze(0)  # (1, L, 3E)
+            return split_packed_heads(proj, self.num_heads, batch_first)
+        q, k, v = self._in_projection(query, key, value)  # (..., E) in the caller's layout
+        if not is_batched:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, L or S, E)
+        return (
+            split_heads(q, self.num_heads, batch_first),
+            split_heads(k, self.num_heads, batch_first),
+            split_heads(v, self.num_heads, batch_first),
+        )
 
     def _in_projection(
         self, query: Tensor, key: Tensor, value: Tensor

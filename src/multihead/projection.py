@@ -63,6 +63,19 @@ def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
 
 
+def split_packed_heads(
+    proj: Tensor, num_heads: int, batch_first: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A packed projection ``(N, L, 3E)`` (batch_first) or ``(L, N, 3E)``, whose features are
+    q, then k, then v, -> q, k, v ``(N, H, L, D)`` each, as views."""
+    proj = proj.view(
+        proj.shape[0], proj.shape[1], 3, num_heads, -1
+    )  # (N, L, 3, H, D) or (L, N, ...)
+    order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
+    q, k, v = proj.permute(order).unbind(0)  # 3 x (N, H, L, D)
+    return q, k, v
+
+
 def merge_heads(x: Tensor, batch_first: bool) -> Tensor:
     """``(N, H, L, D)`` -> ``(N, L, E)`` (batch_first) or ``(L, N, E)``."""
     x = x.transpose(1, 2) if batch_first else x.permute(2, 0, 1, 3)  # (N, L, H, D) or (L, N, H, D)

@@ -103,9 +103,7 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_column(
-    case: Case, layers: dict[str, nn.Module], x: Tensor, reference: Tensor
-) -> OrtColumn:
+def ort_column(case: Case, layers: dict[str, nn.Module], x: Tensor, reference: Tensor) -> OrtColumn:
     """Exports ``case``'s layer, loads it into ORT and checks it against ``reference``.
 
     Args:
