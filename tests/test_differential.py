@@ -14,6 +14,9 @@ import pytest
 import torch
 from helpers import configs, make_inputs, make_layers, make_masks
 from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import multihead.functional
 
 TOL = dict(atol=1e-10, rtol=1e-10)
 
@@ -55,8 +58,17 @@ def leaves(inputs):
 
 
 @settings(max_examples=1000)
-@given(cfg=configs())
-def test_matches_torch(cfg, record_error, count_case):
+@given(cfg=configs(), small_calls_explicit=st.booleans())
+def test_matches_torch(cfg, small_calls_explicit, record_error, count_case):
+    """Half the examples turn the small-call shortcut off, so that tiny shapes also run the
+    SDPA + recomputed-weights path that large training calls take."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not small_calls_explicit:
+            mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+        check_against_torch(cfg, record_error, count_case)
+
+
+def check_against_torch(cfg, record_error, count_case):
     ours, theirs, init_equal = make_layers(cfg)
     assert init_equal, "same seed must give bitwise-equal parameters"
     masks = make_masks(cfg)

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import multihead
+import multihead.functional
 import multihead.weights
-from multihead.functional import attention, select_path
+from multihead.functional import SMALL_SCORES, attention, select_path
 from multihead.weights import averaged_attention_weights, blockwise_attention_with_weights
 
 INF = float("-inf")
@@ -110,6 +111,7 @@ def test_sdpa_plus_recomputed_averaged_weights_path(problem, mask_grad):
     m, ref_m = (leaves[3], ref_leaves[3]) if mask_grad else (mask, mask)
     with pytest.MonkeyPatch.context() as mp:
         set_block_rows(mp, q, k, block)
+        mp.setattr(multihead.functional, "SMALL_SCORES", 0)
         out, weights = attention(*leaves[:3], m, is_causal=is_causal, need_weights=True)
         ref_out, ref_w = reference(*ref_leaves[:3], ref_m, is_causal)
         ref_w = ref_w.mean(1)
@@ -129,7 +131,8 @@ def test_sdpa_plus_recomputed_averaged_weights_path(problem, mask_grad):
 
 def test_output_backward_does_not_go_through_the_weights():
     """With the default call in training, the output's graph holds no (N, H, L, S) tensor."""
-    q, k, v = (torch.randn(1, 2, 64, 8, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 128, 8, requires_grad=True) for _ in range(3))
+    assert 2 * 128 * 128 > SMALL_SCORES
     out, weights = attention(q, k, v, need_weights=True)
     seen, stack = set(), [out.grad_fn]
     while stack:
@@ -170,25 +173,30 @@ def test_blockwise_uses_one_block_of_scratch(monkeypatch):
     torch.testing.assert_close(w, ref_w.mean(1))
 
 
+BIG = SMALL_SCORES + 1
+
+
 @pytest.mark.parametrize(
-    ("need_weights", "average", "dropout_p", "needs_grad", "expected"),
+    ("need_weights", "average", "dropout_p", "needs_grad", "scores", "expected"),
     [
-        (False, True, 0.0, True, "sdpa"),
-        (False, False, 0.1, False, "sdpa"),
-        (True, True, 0.0, False, "blockwise"),
-        (True, False, 0.0, False, "blockwise"),
-        (True, True, 0.0, True, "sdpa+averaged_weights"),
-        (True, False, 0.0, True, "explicit"),
-        (True, True, 0.1, True, "explicit"),
-        (True, True, 0.1, False, "explicit"),
+        (False, True, 0.0, True, BIG, "sdpa"),
+        (False, False, 0.1, False, 1, "sdpa"),
+        (True, True, 0.0, False, BIG, "blockwise"),
+        (True, False, 0.0, False, 1, "blockwise"),
+        (True, True, 0.0, True, BIG, "sdpa+averaged_weights"),
+        (True, True, 0.0, True, SMALL_SCORES, "explicit"),
+        (True, False, 0.0, True, BIG, "explicit"),
+        (True, True, 0.1, True, BIG, "explicit"),
+        (True, True, 0.1, False, BIG, "explicit"),
     ],
 )
-def test_select_path(need_weights, average, dropout_p, needs_grad, expected):
+def test_select_path(need_weights, average, dropout_p, needs_grad, scores, expected):
     got = select_path(
         need_weights=need_weights,
         average_weights=average,
         dropout_p=dropout_p,
         needs_grad=needs_grad,
+        score_elements=scores,
     )
     assert got == expected
 
@@ -204,6 +212,7 @@ def test_layer_matches_torch_across_block_boundaries(monkeypatch, block_rows, tr
     theirs = torch.nn.MultiheadAttention(16, 4, **kwargs).train(training)
     theirs.load_state_dict(ours.state_dict())
     monkeypatch.setattr(multihead.weights, "BLOCK_ELEMENTS", block_rows * 2 * 4 * 20)
+    monkeypatch.setattr(multihead.functional, "SMALL_SCORES", 0)
     x = torch.randn(2, 20, 16, dtype=torch.float64, requires_grad=True)
     padding = torch.zeros(2, 20, dtype=torch.bool)
     padding[1, 13:] = True

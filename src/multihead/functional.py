@@ -35,8 +35,18 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: b
     return softmax_rows(scores)
 
 
+# Below this many per-head scores (N * H * L * S), a call is dominated by per-op overhead, so
+# the weights path with the fewest ops wins, and materialising (N, H, L, S) costs nothing.
+SMALL_SCORES = 16 * 1024
+
+
 def select_path(
-    *, need_weights: bool, average_weights: bool, dropout_p: float, needs_grad: bool
+    *,
+    need_weights: bool,
+    average_weights: bool,
+    dropout_p: float,
+    needs_grad: bool,
+    score_elements: int,
 ) -> str:
     """The one dispatch point; returns which kernel :func:`attention` runs.
 
@@ -45,14 +55,13 @@ def select_path(
     - ``"blockwise"``: weights without dropout or autograd (inference). One pass over query
       blocks computes each block's probabilities once and takes both output rows and weight
       rows from them: peak memory is the result plus one ``(N, H, B, S)`` block.
-    - ``"sdpa+averaged_weights"``: averaged weights under autograd, without dropout. The output
-      comes from SDPA
-      and the weights from :func:`multihead.weights.averaged_attention_weights`, block by block,
-      so no ``(N, H, L, S)`` tensor exists and the output's backward does not go through the
-      weights.
-    - ``"explicit"``: per-head weights, or weights under dropout (the returned weights are the
-      ones after dropout, and the output must use exactly those). Materialises
-      softmax(q k^T / sqrt(D) + mask), as torch does.
+    - ``"sdpa+averaged_weights"``: averaged weights under autograd, without dropout, above
+      ``SMALL_SCORES``. The output comes from SDPA and the weights from
+      :func:`multihead.weights.averaged_attention_weights`, block by block, so no
+      ``(N, H, L, S)`` tensor exists and the output's backward does not go through the weights.
+    - ``"explicit"``: per-head weights or weights under dropout with autograd (the returned
+      weights are the ones after dropout, and the output must use exactly those), and small
+      calls. Materialises softmax(q k^T / sqrt(D) + mask), as torch does.
     """
     if not need_weights:
         return "sdpa"
@@ -60,7 +69,7 @@ def select_path(
         return "explicit"
     if not needs_grad:
         return "blockwise"
-    if average_weights:
+    if average_weights and score_elements > SMALL_SCORES:
         return "sdpa+averaged_weights"
     return "explicit"
 
@@ -107,6 +116,7 @@ def attention(
         average_weights=average_weights,
         dropout_p=dropout_p,
         needs_grad=needs_grad,
+        score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
     )
     if path == "explicit":
         weights = attention_weights(q, k, mask, is_causal=is_causal)
