@@ -7,6 +7,7 @@ parser too, and must not pay for the benchmark's imports.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 _MODES = ("infer", "infer_weights", "train", "causal")  # as cases.MODES, without importing it
@@ -53,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Runs the benchmark that ``args`` describes and prints the Markdown table."""
-    import sys
-
     from .report import markdown
     from .runner import Options, run
 

@@ -83,14 +83,14 @@ and the row's note says so)."""
 
 def _format(value: object, kind: str | None) -> str:
     if value is None or value == "":
-        return "–"
+        return "-"
     if kind is None:
         return str(value)
     number = float(value)
     if kind == "ratio":
         return f"{number:.2f}"
     if kind == "int":
-        return f"{number:.0f}"
+        return f"{number:.0f}" if number >= 10 else f"{number:.2g}"
     if kind == "mib":
         return f"{number:.1f}" if number < 10 else f"{number:.0f}"
     # milliseconds: three significant digits, no exponent

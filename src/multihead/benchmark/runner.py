@@ -85,7 +85,8 @@ def time_case(case: Case, device: torch.device, options: Options, gemm: float) -
     x = build_input(case, device)  # (N, L, E)
     calls: dict[str, Callable[[], object]] = dict(make_calls(case, layers, x, names))
     if options.onnx and case.mode in ONNX_MODES:
-        column = ort_column(case, layers, x, calls["torch"]())
+        reference = calls.get("torch", calls["ours"])()  # ORT must match torch's output
+        column = ort_column(case, layers, x, reference)
         if column.call is not None:
             calls["ort"] = column.call
             row["ort_layer"] = column.layer
@@ -203,5 +204,8 @@ def run(options: Options) -> tuple[list[dict], dict, list[Path]]:
     try:
         paths += write_plots(rows, machine, options.out)
     except ImportError:  # matplotlib is imported inside write_plots, only when installed
-        print("matplotlib is not installed, so no plots: pip install 'multihead[bench]'", file=sys.stderr)
+        print(
+            "matplotlib is not installed, so no plots: pip install 'multihead[bench]'",
+            file=sys.stderr,
+        )
     return rows, machine, paths

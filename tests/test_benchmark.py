@@ -1,0 +1,238 @@
+"""The benchmark's pure parts: FLOP counts, grids, the ratio statistics, the interleaving order,
+the report files, the memory subprocess and the ORT column. Nothing here asserts on timings."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+
+import pytest
+import torch
+
+from multihead.__main__ import main as cli_main
+from multihead.benchmark import memory
+from multihead.benchmark.cases import (
+    MODES,
+    TRAIN_MAX_LEN,
+    Case,
+    flops,
+    full_grid,
+    quick_grid,
+    torch_skip_reason,
+)
+from multihead.benchmark.onnx_runtime import ort_column
+from multihead.benchmark.report import COLUMNS, MACHINE, write_tables
+from multihead.benchmark.timing import choose_rounds, interleaved, median_ratio
+from multihead.benchmark.workload import build_input, build_layers, implementations, make_calls
+
+
+def matmul_flops(m: int, k: int, n: int) -> int:
+    """An (m, k) @ (k, n) product: m * n dot products of length k, a multiply and an add each."""
+    return 2 * m * k * n
+
+
+@pytest.mark.parametrize(("n", "length", "e", "h"), [(2, 5, 16, 4), (1, 2048, 512, 8)])
+def test_flops_count_the_matmuls_of_one_forward(n, length, e, h):
+    d = e // h
+    in_projection = matmul_flops(n * length, e, 3 * e)
+    out_projection = matmul_flops(n * length, e, e)
+    scores = n * h * matmul_flops(length, d, length)  # q k^T per head
+    mixing = n * h * matmul_flops(length, length, d)  # weights v per head
+    forward = in_projection + out_projection + scores + mixing
+    for mode in ("infer", "infer_weights"):
+        assert flops(Case(mode, n, length, e, h)) == forward
+    assert flops(Case("causal", n, length, e, h)) == forward - (scores + mixing) // 2
+    assert flops(Case("train", n, length, e, h)) == 3 * forward
+
+
+def test_torch_is_skipped_only_where_its_weights_would_not_fit():
+    big = Case("infer_weights", 1, 16384, 512, 8)  # 8 * 16384^2 * 4 bytes = 8 GiB
+    assert "8.0 GiB" in torch_skip_reason(big)
+    assert torch_skip_reason(Case("train", 1, 16384, 512, 8)) is not None
+    assert torch_skip_reason(Case("infer", 1, 16384, 512, 8)) is None  # no weights returned
+    assert torch_skip_reason(Case("infer_weights", 1, 8192, 512, 8)) is None  # 2 GiB
+
+
+def test_full_grid_reaches_8192_except_in_training():
+    grid = full_grid()
+    longest = {mode: max(case.seq_len for case in grid if case.mode == mode) for mode in MODES}
+    assert longest == {"infer": 8192, "infer_weights": 8192, "causal": 8192, "train": 4096}
+    assert TRAIN_MAX_LEN == 4096
+    assert Case("infer", 2, 5, 16, 4) in grid
+    assert Case("train", 16, 256, 512, 8) in grid
+    assert [case.mode for case in full_grid(("causal",))] == ["causal"] * 7
+
+
+def test_quick_grid():
+    names = {case.name for case in quick_grid()}
+    assert names == {
+        *(f"{mode} N2 L5 E16 H4" for mode in MODES),
+        *(f"{mode} N1 L2048 E512 H8" for mode in MODES),
+        "infer N16 L256 E512 H8",
+    }
+
+
+def test_median_ratio_is_the_median_of_the_per_round_ratios():
+    ours, theirs = [1.0, 10.0, 100.0], [2.0, 5.0, 1000.0]  # ratios 0.5, 2, 0.1
+    assert median_ratio(ours, theirs) == 0.5  # the ratio of the medians would be 2
+    assert median_ratio([3.0, 1.0], [1.0, 1.0]) == 2.0
+
+
+def test_median_ratio_rejects_unpaired_rounds():
+    with pytest.raises(ValueError, match="equally long"):
+        median_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        median_ratio([], [])
+
+
+def test_choose_rounds_fits_the_budget_within_bounds():
+    assert choose_rounds(0.1, budget_s=2.0, min_rounds=5, max_rounds=300) == 20
+    assert choose_rounds(10.0, budget_s=2.0, min_rounds=5, max_rounds=300) == 5
+    assert choose_rounds(1e-6, budget_s=2.0, min_rounds=5, max_rounds=300) == 300
+
+
+def test_interleaved_rotates_which_call_goes_first():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    samples = interleaved(calls, budget_s=0.0, min_rounds=6, max_rounds=6)
+    assert {name: len(times) for name, times in samples.items()} == {"a": 6, "b": 6, "c": 6}
+    # Two warm-up calls each, then rounds; repeats make every call run several times a sample,
+    # so read the round order from the changes of name.
+    timed = order[6:]
+    firsts = [timed[0]] + [now for before, now in itertools.pairwise(timed) if before != now]
+    rounds = [firsts[i : i + 3] for i in range(0, len(firsts), 3)]
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+
+
+def test_causal_calls_give_the_same_output():
+    case = Case("causal", 2, 5, 16, 4)
+    ours, theirs = build_layers(case, torch.device("cpu"))
+    x = build_input(case, torch.device("cpu"))  # (N, L, E)
+    calls = make_calls(case, {"ours": ours, "torch": theirs}, x, implementations(case))
+    outputs = {name: call() for name, call in calls.items()}
+    for name, out in outputs.items():
+        torch.testing.assert_close(out, outputs["torch"], msg=name)
+
+
+def test_train_call_sets_fresh_gradients_each_time():
+    case = Case("train", 2, 5, 16, 4)
+    ours, theirs = build_layers(case, torch.device("cpu"))
+    x = build_input(case, torch.device("cpu"))  # (N, L, E)
+    call = make_calls(case, {"ours": ours, "torch": theirs}, x, ("ours",))["ours"]
+    call()
+    first = x.grad.clone()
+    call()
+    torch.testing.assert_close(x.grad, first)  # replaced, not accumulated
+
+
+def fake_rows() -> list[dict]:
+    rows = []
+    for mode in MODES:
+        for length in (5, 512, 1024):
+            rows.append(
+                {
+                    "mode": mode,
+                    "N": 2 if length == 5 else 1,
+                    "L": length,
+                    "E": 16 if length == 5 else 512,
+                    "H": 4 if length == 5 else 8,
+                    "rounds": 7,
+                    "ours_ms": 0.05 * length,
+                    "torch_ms": 0.08 * length,
+                    "ours_over_torch": 0.6,
+                    "ours_gflops": 120.0,
+                    "ours_pct_gemm": 60.0,
+                    "ours_mib": 1.0 * length,
+                    "torch_mib": 4.0 * length,
+                    "mem_ours_over_torch": 0.25,
+                    "note": "torch skipped" if mode == "train" and length == 1024 else "",
+                }
+            )
+    return rows
+
+
+MACHINE_FACTS = {
+    "cpu": "Test CPU",
+    "cpu_count": 2,
+    "torch_threads": 2,
+    "torch_version": "2.x",
+    "python_version": "3.x",
+    "device": "cpu",
+    "gpu": "",
+    "gemm_gflops": 200.0,
+    "date": "2026-01-01T00:00:00+00:00",
+}
+
+
+def test_write_tables(tmp_path):
+    rows = fake_rows()
+    paths = write_tables(rows, MACHINE_FACTS, tmp_path / "out")
+    assert sorted(path.name for path in paths) == ["results.csv", "results.json", "results.md"]
+    with (tmp_path / "out" / "results.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == [*COLUMNS, *MACHINE]
+        csv_rows = list(reader)
+    assert len(csv_rows) == len(rows)
+    assert all(row["cpu"] == "Test CPU" and row["gemm_gflops"] == "200.0" for row in csv_rows)
+    assert csv_rows[0]["ort_ms"] == ""  # missing values are empty, not "None"
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["machine"] == MACHINE_FACTS
+    assert [row["L"] for row in data["results"]] == [row["L"] for row in rows]
+    assert set(data["results"][0]) == {*COLUMNS, *MACHINE}
+    md = (tmp_path / "out" / "results.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| mode"))
+    for title in ("ours/torch", "ours GFLOP/s", "% GEMM", "mem ours/torch", "ours/ORT"):
+        assert f"| {title} |" in header
+    table = [line for line in md if line.startswith("| ") and line != header]
+    assert len(table) == len(rows)
+    assert all(line.count("|") == header.count("|") for line in table)
+    assert any("train N1 L1024 E512 H8: torch skipped" in line for line in md)
+
+
+def test_write_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from multihead.benchmark.plots import write_plots
+
+    paths = write_plots(fake_rows(), MACHINE_FACTS, tmp_path)
+    assert sorted(path.name for path in paths) == ["memory.png", "speedup.png"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_subprocess_on_a_tiny_case():
+    mib = memory.measure(Case("infer", 2, 5, 16, 4), "ours", torch.device("cpu"), timeout_s=120)
+    assert mib > 0
+
+
+def test_memory_module_rejects_an_unknown_implementation(capsys):
+    with pytest.raises(SystemExit):
+        memory.main(["infer", "2", "5", "16", "4", "ours_bool_mask"])
+    assert "impl must be one of" in capsys.readouterr().err
+
+
+def test_ort_column_needs_a_call_without_weights():
+    case = Case("infer_weights", 2, 5, 16, 4)
+    column = ort_column(case, {}, torch.zeros(2, 5, 16), torch.zeros(2, 5, 16))
+    assert column.call is None
+    assert "returns weights" in column.note
+
+
+def test_ort_column_runs_our_exported_layer():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    case = Case("causal", 2, 5, 16, 4)
+    ours, theirs = build_layers(case, torch.device("cpu"))
+    x = build_input(case, torch.device("cpu"))  # (N, L, E)
+    reference = make_calls(case, {"ours": ours, "torch": theirs}, x, ("torch",))["torch"]()
+    column = ort_column(case, {"ours": ours, "torch": theirs}, x, reference)
+    assert column.layer == "ours", column.note
+    (out,) = column.call()
+    torch.testing.assert_close(torch.from_numpy(out), reference, atol=1e-4, rtol=0)
+
+
+def test_bench_rejects_an_unknown_mode(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--modes", "infer,fast"])
+    assert "comma-separated list" in capsys.readouterr().err
