@@ -135,9 +135,17 @@ def fast_path_configs():
 
 
 @settings(max_examples=150)
-@given(cfg=fast_path_configs())
-def test_matches_torch_fast_path_in_inference(cfg, record_error, count_case):
-    """eval + no_grad: torch answers through torch._native_multi_head_attention."""
+@given(cfg=fast_path_configs(), small_calls_explicit=st.booleans())
+def test_matches_torch_fast_path_in_inference(cfg, small_calls_explicit, record_error, count_case):
+    """eval + no_grad: torch answers through torch._native_multi_head_attention. Half the
+    examples send our tiny calls through the blockwise path that large calls take."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not small_calls_explicit:
+            mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+        check_against_torch_fast_path(cfg, record_error, count_case)
+
+
+def check_against_torch_fast_path(cfg, record_error, count_case):
     ours, theirs, _ = make_layers(cfg)
     masks = make_masks(cfg)
     x = make_inputs(cfg)[0].detach()

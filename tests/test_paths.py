@@ -89,6 +89,7 @@ def test_blockwise_inference_path(problem, average):
     q, k, v, mask, is_causal, block = problem
     with pytest.MonkeyPatch.context() as mp:
         set_block_rows(mp, q, k, block)
+        mp.setattr(multihead.functional, "SMALL_SCORES", 0)
         with torch.no_grad():
             out, weights = attention(
                 q, k, v, mask, is_causal=is_causal, need_weights=True, average_weights=average
@@ -182,7 +183,8 @@ BIG = SMALL_SCORES + 1
         (False, True, 0.0, True, BIG, "sdpa"),
         (False, False, 0.1, False, 1, "sdpa"),
         (True, True, 0.0, False, BIG, "blockwise"),
-        (True, False, 0.0, False, 1, "blockwise"),
+        (True, False, 0.0, False, BIG, "blockwise"),
+        (True, False, 0.0, False, SMALL_SCORES, "explicit"),
         (True, True, 0.0, True, BIG, "sdpa+averaged_weights"),
         (True, True, 0.0, True, SMALL_SCORES, "explicit"),
         (True, False, 0.0, True, BIG, "explicit"),

@@ -35,8 +35,8 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: b
     return softmax_rows(scores)
 
 
-# Below this many per-head scores (N * H * L * S), a call is dominated by per-op overhead, so
-# the weights path with the fewest ops wins, and materialising (N, H, L, S) costs nothing.
+# At or below this many per-head scores (N * H * L * S) a call is dominated by per-op overhead:
+# the plain formula with the fewest ops wins, and materialising (N, H, L, S) costs nothing.
 SMALL_SCORES = 16 * 1024
 
 
@@ -52,7 +52,8 @@ def select_path(
 
     - ``"sdpa"``: ``need_weights=False``. ``F.scaled_dot_product_attention`` (flash / fused
       kernels, causal as a flag so it can skip blocks), in training and inference alike.
-    - ``"blockwise"``: weights without dropout or autograd (inference). One pass over query
+    - ``"blockwise"``: weights without dropout or autograd (inference), above ``SMALL_SCORES``.
+      One pass over query
       blocks computes each block's probabilities once and takes both output rows and weight
       rows from them: peak memory is the result plus one ``(N, H, B, S)`` block.
     - ``"sdpa+averaged_weights"``: averaged weights under autograd, without dropout, above
@@ -65,11 +66,11 @@ def select_path(
     """
     if not need_weights:
         return "sdpa"
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 or score_elements <= SMALL_SCORES:
         return "explicit"
     if not needs_grad:
         return "blockwise"
-    if average_weights and score_elements > SMALL_SCORES:
+    if average_weights:
         return "sdpa+averaged_weights"
     return "explicit"
 
