@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .masks import causal_mask, split_empty_rows
-from .softmax import softmax_rows
 from .weights import averaged_attention_weights, blockwise_attention_with_weights
 
 
@@ -32,7 +31,7 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: b
     if is_causal:
         above = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
         scores = scores.masked_fill(above, float("-inf"))
-    return softmax_rows(scores)
+    return torch.softmax(scores, dim=-1)
 
 
 # At or below this many per-head scores (N * H * L * S) a call is dominated by per-op overhead:
