@@ -99,6 +99,13 @@ def test_causal_pattern_detection():
     banded[3, 0] = True
     assert not is_causal_pattern(banded)
     assert not is_causal_pattern(torch.zeros(3, 3, dtype=torch.bool))
+    assert not is_causal_pattern(torch.ones(4, 4, dtype=torch.bool).triu(2))  # wrong first row
+    inner = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    inner[3, 2] = True  # only the interior differs
+    assert not is_causal_pattern(inner)
+    inner_float = causal_mask(5, 5, torch.float32, torch.device("cpu"))
+    inner_float[4, 2] = 0.5
+    assert not is_causal_pattern(inner_float)
 
 
 def test_a_causal_attn_mask_becomes_the_kernel_flag():
