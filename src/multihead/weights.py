@@ -56,7 +56,37 @@ def _block_probs(
         cols = torch.arange(k.shape[-2], device=q_blk.device)
         scores.masked_fill_(cols > rows, float("-inf"))  # (B, S) broadcast
     probs = torch.softmax(scores, dim=-1)
-    return probs if empty_blk is None else probs.masked_fill_(empty_blk, 0.0)
+    # Out of place: softmax keeps its output for backward (a double backward needs it intact).
+    return probs if empty_blk is None else probs.masked_fill(empty_blk, 0.0)
+
+
+def _probability_blocks(
+    q: Tensor, k: Tensor, mask: Tensor | None, empty: Tensor | None, is_causal: bool
+):
+    """Yields ``(start, stop, probs)`` for each block of query rows; ``probs`` ``(N, H, B, S)``
+    lives in one scratch buffer that the next block overwrites."""
+    batch, heads, q_len, head_dim = q.shape
+    key_len = k.shape[-2]
+    scale = 1.0 / math.sqrt(head_dim)
+    step = block_rows(batch, heads, key_len)
+    # matmul(out=...) cannot record autograd, so a double backward allocates per block.
+    scratch = None if torch.is_grad_enabled() else q.new_empty(batch * heads * step * key_len)
+    for start in range(0, q_len, step):
+        stop = min(start + step, q_len)
+        scores = None
+        if scratch is not None:
+            scores = scratch[: batch * heads * (stop - start) * key_len]
+            scores = scores.view(batch, heads, stop - start, key_len)
+        q_blk, mask_blk, empty_blk = (
+            q[..., start:stop, :],
+            _rows(mask, start, stop),
+            _rows(empty, start, stop),
+        )
+        yield (
+            start,
+            stop,
+            _block_probs(q_blk, k, mask_blk, empty_blk, start, is_causal, scale, scores),
+        )
 
 
 class _AveragedWeights(torch.autograd.Function):
@@ -64,20 +94,8 @@ class _AveragedWeights(torch.autograd.Function):
     def forward(
         ctx, q: Tensor, k: Tensor, mask: Tensor | None, empty: Tensor | None, is_causal: bool
     ) -> Tensor:
-        batch, heads, q_len, head_dim = q.shape
-        key_len = k.shape[-2]
-        scale = 1.0 / math.sqrt(head_dim)
-        step = block_rows(batch, heads, key_len)
-        out = q.new_empty(batch, q_len, key_len)  # (N, L, S)
-        for start in range(0, q_len, step):
-            stop = min(start + step, q_len)
-            q_blk, mask_blk, empty_blk = (
-                q[..., start:stop, :],
-                _rows(mask, start, stop),
-                _rows(empty, start, stop),
-            )
-            probs = _block_probs(q_blk, k, mask_blk, empty_blk, start, is_causal, scale)
-            # Not torch.mean(out=...): with a non-contiguous out slice (N > 1) it is far slower.
+        out = q.new_empty(q.shape[0], q.shape[2], k.shape[2])  # (N, L, S)
+        for start, stop, probs in _probability_blocks(q, k, mask, empty, is_causal):
             out[:, start:stop] = probs.mean(dim=1)  # (N, B, S)
         ctx.save_for_backward(q, k, mask, empty)
         ctx.is_causal = is_causal
@@ -86,33 +104,25 @@ class _AveragedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, mask, empty = ctx.saved_tensors
-        batch, heads, q_len, head_dim = q.shape
-        key_len = k.shape[-2]
-        scale = 1.0 / math.sqrt(head_dim)
-        step = block_rows(batch, heads, key_len)
+        heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
         need_q, need_k, need_mask = ctx.needs_input_grad[:3]
         grad_q = torch.zeros_like(q) if need_q else None
         grad_k = torch.zeros_like(k) if need_k else None
         grad_mask = torch.zeros_like(mask) if need_mask else None
-        for start in range(0, q_len, step):
-            stop = min(start + step, q_len)
-            q_blk = q[..., start:stop, :]
-            mask_blk = _rows(mask, start, stop)
-            probs = _block_probs(
-                q_blk, k, mask_blk, _rows(empty, start, stop), start, ctx.is_causal, scale
-            )  # (N, H, B, S)
-            grad_probs = (grad_out[:, None, start:stop] / heads).expand_as(probs)
+        for start, stop, probs in _probability_blocks(q, k, mask, empty, ctx.is_causal):
+            grad_probs = (grad_out[:, None, start:stop] / heads).expand_as(probs)  # (N, H, B, S)
             # Softmax backward: dS = P * (dP - sum(dP * P)).
             grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
             if need_q:
                 grad_q[..., start:stop, :] = torch.matmul(grad_scores, k) * scale
             if need_k:
-                grad_k += torch.matmul(grad_scores.transpose(-2, -1), q_blk) * scale
+                grad_k += torch.matmul(grad_scores.transpose(-2, -1), q[..., start:stop, :]) * scale
             if need_mask:
-                if mask.shape[-2] == 1:
+                if mask.shape[-2] == 1:  # broadcast over L: every block adds to the one row
                     grad_mask += grad_scores.sum_to_size(mask.shape)
                 else:
-                    grad_mask[..., start:stop, :] += grad_scores.sum_to_size(mask_blk.shape)
+                    rows = grad_mask[..., start:stop, :]
+                    rows += grad_scores.sum_to_size(rows.shape)
         return grad_q, grad_k, grad_mask, None, None
 
 
@@ -162,31 +172,16 @@ def blockwise_attention_with_weights(
     Returns:
         out ``(N, H, L, D)`` and the weights.
     """
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _ = q.shape
     key_len = k.shape[-2]
-    scale = 1.0 / math.sqrt(head_dim)
-    step = block_rows(batch, heads, key_len)
     # Written as (N, L, H, D) and returned as its (N, H, L, D) view, so merging heads after is
     # free. Blocks go through assignment, not matmul(out=...): an out= slice that is not
-    # contiguous sends matmul down a path about 8x slower (torch 2.13, CPU).
+    # contiguous sends matmul down a much slower path (torch 2.13, CPU).
     out = q.new_empty(batch, q_len, heads, v.shape[-1])  # (N, L, H, D)
     weights = q.new_empty(
         (batch, q_len, key_len) if average_weights else (batch, heads, q_len, key_len)
     )
-    scratch = q.new_empty(batch * heads * step * key_len)  # one block of scores, reused
-    for start in range(0, q_len, step):
-        stop = min(start + step, q_len)
-        scores = scratch[: batch * heads * (stop - start) * key_len]
-        probs = _block_probs(
-            q[..., start:stop, :],
-            k,
-            _rows(mask, start, stop),
-            _rows(empty, start, stop),
-            start,
-            is_causal,
-            scale,
-            scores.view(batch, heads, stop - start, key_len),
-        )  # (N, H, B, S)
+    for start, stop, probs in _probability_blocks(q, k, mask, empty, is_causal):
         out[:, start:stop] = torch.matmul(probs, v).transpose(1, 2)  # (N, B, H, D)
         if average_weights:
             weights[:, start:stop] = probs.mean(dim=1)  # (N, B, S)
