@@ -7,6 +7,7 @@ eval with dropout 0) and checks init, outputs, weights and every gradient.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import replace
 
@@ -57,14 +58,21 @@ def leaves(inputs):
     return unique
 
 
+@contextlib.contextmanager
+def small_call_shortcut(enabled: bool):
+    """With ``enabled=False``, tiny calls take the paths that large calls take."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not enabled:
+            mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+        yield
+
+
 @settings(max_examples=1000)
 @given(cfg=configs(), small_calls_explicit=st.booleans())
 def test_matches_torch(cfg, small_calls_explicit, record_error, count_case):
     """Half the examples turn the small-call shortcut off, so that tiny shapes also run the
     SDPA + recomputed-weights path that large training calls take."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not small_calls_explicit:
-            mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+    with small_call_shortcut(small_calls_explicit):
         check_against_torch(cfg, record_error, count_case)
 
 
@@ -139,9 +147,7 @@ def fast_path_configs():
 def test_matches_torch_fast_path_in_inference(cfg, small_calls_explicit, record_error, count_case):
     """eval + no_grad: torch answers through torch._native_multi_head_attention. Half the
     examples send our tiny calls through the blockwise path that large calls take."""
-    with pytest.MonkeyPatch.context() as mp:
-        if not small_calls_explicit:
-            mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+    with small_call_shortcut(small_calls_explicit):
         check_against_torch_fast_path(cfg, record_error, count_case)
 
 
