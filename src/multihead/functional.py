@@ -9,23 +9,30 @@ to nothing: its attention output and its weights are zero (never NaN).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .logits import attention_logits, weighted_values
 from .masks import causal_mask, split_empty_rows
 from .weights import averaged_attention_weights, blockwise_attention_with_weights
 
 
-def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: bool) -> Tensor:
-    """Softmax attention weights ``(N, H, L, S)`` for q ``(N, H, L, D)`` and k ``(N, H, S, D)``.
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    *,
+    is_causal: bool,
+    softcap: float | None = None,
+) -> Tensor:
+    """Softmax attention weights ``(N, H, L, S)`` for q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``.
 
-    Scale 1/sqrt(D). ``is_causal`` masks keys j > i (top-left aligned). ``mask`` must have no
-    fully masked rows here; :func:`attention` removes them first.
+    Scale 1/sqrt(D), then the optional soft-cap, then the mask. ``is_causal`` masks keys j > i
+    (top-left aligned). ``mask`` must have no fully masked rows here; :func:`attention` removes
+    them first.
     """
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))  # (N, H, L, S)
+    scores = attention_logits(q, k, softcap=softcap)  # (N, H, L, S)
     if mask is not None:
         scores = scores + mask
     if is_causal:
@@ -39,6 +46,10 @@ def attention_weights(q: Tensor, k: Tensor, mask: Tensor | None, *, is_causal: b
 SMALL_SCORES = 16 * 1024
 
 
+# SDPA shares key/value heads itself from torch 2.5 (enable_gqa); on 2.4 they are repeated.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def select_path(
     *,
     need_weights: bool,
@@ -46,24 +57,35 @@ def select_path(
     dropout_p: float,
     needs_grad: bool,
     score_elements: int,
+    query_len: int,
+    softcap: bool,
 ) -> str:
     """The one dispatch point; returns which kernel :func:`attention` runs.
 
     - ``"sdpa"``: ``need_weights=False``. ``F.scaled_dot_product_attention`` (flash / fused
-      kernels, causal as a flag so it can skip blocks), in training and inference alike.
-    - ``"blockwise"``: weights without dropout or autograd (inference), above ``SMALL_SCORES``.
-      One pass over query
-      blocks computes each block's probabilities once and takes both output rows and weight
-      rows from them: peak memory is the result plus one ``(N, H, B, S)`` block.
+      kernels, causal as a flag so it can skip blocks, key/value heads shared by the kernel),
+      in training and inference alike.
+    - ``"blockwise"``: weights, or soft-capped logits, without dropout or autograd (inference),
+      above ``SMALL_SCORES``. One pass over query blocks computes each block's probabilities
+      once and takes both output rows and weight rows from them: peak memory is the result plus
+      one ``(N, H, B, S)`` block.
     - ``"sdpa+averaged_weights"``: averaged weights under autograd, without dropout, above
       ``SMALL_SCORES``. The output comes from SDPA and the weights from
       :func:`multihead.weights.averaged_attention_weights`, block by block, so no
       ``(N, H, L, S)`` tensor exists and the output's backward does not go through the weights.
-    - ``"explicit"``: per-head weights or weights under dropout with autograd (the returned
-      weights are the ones after dropout, and the output must use exactly those), and small
-      calls. Materialises softmax(q k^T / sqrt(D) + mask), as torch does.
+    - ``"explicit"``: softmax(q k^T / sqrt(D) + mask) v, materialised, as torch does: per-head
+      weights under autograd, weights under dropout (the returned weights are the ones after
+      dropout, and the output must use exactly those), soft-capping under autograd or dropout,
+      small calls, and one-query inference steps (a decode step is memory-bound, and plain
+      matmuls beat the flash kernel's set-up there).
     """
+    if softcap:  # SDPA has no logit transform
+        if needs_grad or dropout_p > 0.0 or score_elements <= SMALL_SCORES:
+            return "explicit"
+        return "blockwise"
     if not need_weights:
+        if query_len == 1 and not needs_grad and dropout_p == 0.0:
+            return "explicit"
         return "sdpa"
     if dropout_p > 0.0 or score_elements <= SMALL_SCORES:
         return "explicit"
@@ -84,6 +106,7 @@ def attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     average_weights: bool = True,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
@@ -91,13 +114,15 @@ def attention(
 
     Args:
         q: ``(N, H, L, D)``.
-        k, v: ``(N, H, S, D)``.
+        k, v: ``(N, Hkv, S, D)``; Hkv divides H, and query head h reads key/value head
+            h // (H / Hkv) (grouped-query attention; Hkv = 1 is multi-query).
         mask: additive, broadcastable to ``(N, H, L, S)``, or None.
         is_causal: mask keys j > i (top-left aligned, as SDPA).
         dropout_p: dropout on the attention weights; pass 0.0 in eval.
         need_weights: also return the weights.
         average_weights: return weights averaged over heads ``(N, L, S)`` instead of
             per head ``(N, H, L, S)``.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask.
 
     Returns:
         ``(out, weights)``: out ``(N, H, L, D)``; weights as above, or None.
@@ -117,26 +142,54 @@ def attention(
         dropout_p=dropout_p,
         needs_grad=needs_grad,
         score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
+        query_len=q.shape[2],
+        softcap=softcap is not None,
     )
     if path == "explicit":
-        weights = attention_weights(q, k, mask, is_causal=is_causal)
+        weights = attention_weights(q, k, mask, is_causal=is_causal, softcap=softcap)
         if empty is not None:
             weights = weights.masked_fill(empty, 0.0)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        out = torch.matmul(weights, v)  # (N, H, L, D)
+        out = weighted_values(weights, v)  # (N, H, L, D)
+        if not need_weights:
+            return out, None
         return out, weights.mean(dim=1) if average_weights else weights
     if path == "blockwise":
-        return blockwise_attention_with_weights(
-            q, k, v, mask, empty, is_causal=is_causal, average_weights=average_weights
+        out, weights = blockwise_attention_with_weights(
+            q,
+            k,
+            v,
+            mask,
+            empty,
+            is_causal=is_causal,
+            average_weights=average_weights,
+            softcap=softcap,
         )
+        return out, weights if need_weights else None
 
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
-    )  # (N, H, L, D)
+    out = _sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)  # (N, H, L, D)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     weights = None
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
     return out, weights
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout_p: float, is_causal: bool
+) -> Tensor:
+    if k.shape[1] == q.shape[1]:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+        )
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=True
+        )
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (N, H, S, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+    )

@@ -56,6 +56,32 @@ def is_causal_pattern(mask: Tensor) -> bool:
     return first_row_masked and first_column_attends and torch.equal(mask[1:, 1:], mask[:-1, :-1])
 
 
+def position_mask(
+    query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None
+) -> Tensor:
+    """Bool ``(L, S)`` mask (True = masked) from absolute positions.
+
+    ``causal`` hides keys after the query (j > i). ``window`` keeps keys closer than ``window``:
+    with causal, i - window < j <= i; without, |i - j| < window. For window=2, causal::
+
+        [[0, 1, 1, 1],
+         [0, 0, 1, 1],
+         [1, 0, 0, 1],
+         [1, 1, 0, 0]]
+    """
+    behind = query_positions[:, None] - key_positions[None, :]  # (L, S): i - j
+    masked = behind < 0 if causal else torch.zeros_like(behind, dtype=torch.bool)
+    if window is not None:
+        masked |= (behind if causal else behind.abs()) >= window
+    return masked
+
+
+def segment_mask(segment_ids: Tensor) -> Tensor:
+    """Bool ``(N, 1, L, L)`` mask (True = masked) that keeps each token within its segment;
+    ``segment_ids`` is ``(N, L)``, one integer label per token of a packed row."""
+    return segment_ids[:, None, :, None] != segment_ids[:, None, None, :]
+
+
 def canonical_mask(
     *,
     key_padding_mask: Tensor | None,
@@ -68,14 +94,21 @@ def canonical_mask(
     extra_keys: int,
     dtype: torch.dtype,
     device: torch.device,
+    query_offset: int = 0,
+    window: int | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
-    """Merges torch's masks into one additive mask.
+    """Merges torch's masks and our positional constraints into one additive mask.
 
     Args:
         key_padding_mask: ``(N, S)`` (or ``(S,)`` with N = 1), bool or float.
         attn_mask: ``(L, S)`` or ``(N * H, L, S)`` (batch-major), bool or float.
         is_causal: also mask keys j > i, whether or not ``attn_mask`` is given.
         extra_keys: number of always-attendable key slots appended after the S real keys.
+        query_offset: absolute position of the first query (a KV cache's fill level); key j is
+            at position j.
+        window: sliding window, see :func:`position_mask`.
+        segment_ids: ``(N, L)`` segment labels of a packed self-attention row (L == S).
 
     Returns:
         ``(mask, causal)``. ``mask`` is additive, broadcastable to ``(N, H, L, S + X)``, or None.
@@ -83,7 +116,8 @@ def canonical_mask(
         that happens when causal is the only constraint (from ``is_causal``, or an ``attn_mask``
         that is exactly the causal pattern), so a kernel can skip whole blocks.
     """
-    if key_padding_mask is None and extra_keys == 0:
+    plain = query_offset == 0 and window is None and segment_ids is None
+    if plain and key_padding_mask is None and extra_keys == 0:
         if attn_mask is not None and is_causal_pattern(attn_mask):
             # A causal mask given as a tensor runs as fast as is_causal: the kernel can skip
             # the blocks above the diagonal instead of adding -inf to them.
@@ -99,9 +133,16 @@ def canonical_mask(
     if key_padding_mask is not None:
         padding = to_additive(key_padding_mask, dtype).view(batch_size, 1, 1, key_len)
         mask = padding if mask is None else mask + padding  # (N, 1 or H, L or 1, S)
-    if is_causal:
-        causal = causal_mask(query_len, key_len, dtype, device)  # (L, S)
-        mask = causal if mask is None else mask + causal
+    if is_causal or window is not None:
+        query_positions = torch.arange(query_len, device=device) + query_offset
+        key_positions = torch.arange(key_len, device=device)
+        positional = to_additive(
+            position_mask(query_positions, key_positions, causal=is_causal, window=window), dtype
+        )  # (L, S)
+        mask = positional if mask is None else mask + positional
+    if segment_ids is not None:
+        segments = to_additive(segment_mask(segment_ids), dtype)  # (N, 1, L, S)
+        mask = segments if mask is None else mask + segments
     if mask is not None and extra_keys:
         mask = F.pad(mask, (0, extra_keys))  # (..., S + X); the extra slots stay attendable
     return mask, False

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 
+from .logits import attention_logits, summed_over_groups, weighted_values
+
 # Scratch for one block of per-head scores, in elements (8 MiB of fp32). Big enough for GEMM
 # efficiency, small enough to stay near the cache and far below (N, H, L, S) at long L. Measured
 # (E512 H8, eval, ours/torch): 1M / 2M / 4M / 8M elements gave 1.09 / 1.06 / 1.08 / 1.42 at
@@ -41,13 +43,13 @@ def _block_probs(
     empty_blk: Tensor | None,
     start: int,
     is_causal: bool,
-    scale: float,
+    softcap: float | None = None,
     scratch: Tensor | None = None,
 ) -> Tensor:
     """Per-head probabilities ``(N, H, B, S)`` for query rows [start, start + B); rows marked
     in ``empty_blk`` (all keys masked) are zero. ``scratch`` (inference only) receives the
     scores, so that blocks reuse one buffer instead of faulting in fresh pages each time."""
-    scores = torch.matmul(q_blk * scale, k.transpose(-2, -1), out=scratch)  # (N, H, B, S)
+    scores = attention_logits(q_blk, k, softcap=softcap, out=scratch)  # (N, H, B, S)
     # In place: scores is fresh, and matmul does not keep its output for backward.
     if mask_blk is not None:
         scores.add_(mask_blk)
@@ -61,13 +63,17 @@ def _block_probs(
 
 
 def _probability_blocks(
-    q: Tensor, k: Tensor, mask: Tensor | None, empty: Tensor | None, is_causal: bool
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    empty: Tensor | None,
+    is_causal: bool,
+    softcap: float | None = None,
 ):
     """Yields ``(start, stop, probs)`` for each block of query rows; ``probs`` ``(N, H, B, S)``
     lives in one scratch buffer that the next block overwrites."""
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _ = q.shape
     key_len = k.shape[-2]
-    scale = 1.0 / math.sqrt(head_dim)
     step = block_rows(batch, heads, key_len)
     # matmul(out=...) cannot record autograd, so a double backward allocates per block.
     scratch = None if torch.is_grad_enabled() else q.new_empty(batch * heads * step * key_len)
@@ -85,7 +91,7 @@ def _probability_blocks(
         yield (
             start,
             stop,
-            _block_probs(q_blk, k, mask_blk, empty_blk, start, is_causal, scale, scores),
+            _block_probs(q_blk, k, mask_blk, empty_blk, start, is_causal, softcap, scores),
         )
 
 
@@ -114,9 +120,10 @@ class _AveragedWeights(torch.autograd.Function):
             # Softmax backward: dS = P * (dP - sum(dP * P)).
             grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
             if need_q:
-                grad_q[..., start:stop, :] = torch.matmul(grad_scores, k) * scale
+                grad_q[..., start:stop, :] = weighted_values(grad_scores, k) * scale
             if need_k:
-                grad_k += torch.matmul(grad_scores.transpose(-2, -1), q[..., start:stop, :]) * scale
+                q_blk = q[..., start:stop, :]
+                grad_k += summed_over_groups(grad_scores, q_blk, k.shape[1]) * scale
             if need_mask:
                 if mask.shape[-2] == 1:  # broadcast over L: every block adds to the one row
                     grad_mask += grad_scores.sum_to_size(mask.shape)
@@ -138,7 +145,7 @@ def averaged_attention_weights(
 
     Args:
         q: ``(N, H, L, D)``.
-        k: ``(N, H, S, D)``.
+        k: ``(N, Hkv, S, D)``, Hkv dividing H (grouped-query attention).
         mask: additive, broadcastable to ``(N, H, L, S)``, with no fully masked rows, or None.
         empty: bool ``(..., L or 1, 1)``, True on rows whose keys were all masked (see
             :func:`multihead.masks.split_empty_rows`); their weights are zero.
@@ -158,6 +165,7 @@ def blockwise_attention_with_weights(
     *,
     is_causal: bool = False,
     average_weights: bool = True,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention output and weights in one pass over query blocks, for inference (no autograd).
 
@@ -165,9 +173,10 @@ def blockwise_attention_with_weights(
     scores are computed once and only one ``(N, H, B, S)`` block exists at a time.
 
     Args:
-        q: ``(N, H, L, D)``; k, v: ``(N, H, S, D)``.
+        q: ``(N, H, L, D)``; k, v: ``(N, Hkv, S, D)``, Hkv dividing H.
         mask, empty: as :func:`averaged_attention_weights`.
         average_weights: return ``(N, L, S)`` head-averaged weights, else ``(N, H, L, S)``.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask.
 
     Returns:
         out ``(N, H, L, D)`` and the weights.
@@ -181,8 +190,8 @@ def blockwise_attention_with_weights(
     weights = q.new_empty(
         (batch, q_len, key_len) if average_weights else (batch, heads, q_len, key_len)
     )
-    for start, stop, probs in _probability_blocks(q, k, mask, empty, is_causal):
-        out[:, start:stop] = torch.matmul(probs, v).transpose(1, 2)  # (N, B, H, D)
+    for start, stop, probs in _probability_blocks(q, k, mask, empty, is_causal, softcap):
+        out[:, start:stop] = weighted_values(probs, v).transpose(1, 2)  # (N, B, H, D)
         if average_weights:
             weights[:, start:stop] = probs.mean(dim=1)  # (N, B, S)
         else:

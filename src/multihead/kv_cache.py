@@ -1,0 +1,67 @@
+"""A preallocated key/value cache for incremental decoding.
+
+Shape legend: N batch, Hkv key/value heads, M max_len, T new tokens, D head dim.
+
+The buffers keep one static shape ``(N, Hkv, M, D)``; the layer always attends over all M slots
+with a causal mask from the fill level, so the shapes that torch.compile sees never change from
+token to token. Slots past the fill level are masked by causality (a query at position p sees
+keys at positions <= p).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens seen so far, ``(N, Hkv, M, D)`` each, and the fill level.
+
+    Made by :meth:`multihead.MultiheadAttention.new_cache`; pass it as ``cache=`` to forward.
+    The buffers are not part of the state_dict.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length = 0  # slots filled; the next token goes to position `length`
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Writes ``(N, Hkv, T, D)`` new keys and values at the fill level and advances it.
+
+        Returns the whole buffers ``(N, Hkv, M, D)``. The caller checks the room first.
+        """
+        start, stop = self.length, self.length + k_new.shape[2]
+        self.k[:, :, start:stop] = k_new
+        self.v[:, :, start:stop] = v_new
+        self.length = stop
+        return self.k, self.v
+
+    def reset(self) -> None:
+        """Empties the cache (the buffers keep their memory)."""
+        self.length = 0
+
+    def extra_repr(self) -> str:
+        n, hkv, m, d = self.k.shape
+        return (
+            f"batch_size={n}, num_kv_heads={hkv}, max_len={m}, head_dim={d}, length={self.length}"
+        )

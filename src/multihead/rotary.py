@@ -1,0 +1,34 @@
+"""Rotary position embeddings, "rotate half" convention (Llama / GPT-NeoX in HF transformers).
+
+Shape legend: N batch, H heads, L length, D head dim (even).
+
+For position p and frequency f_i = base^(-2i / D), i < D / 2, the pair (x_i, x_{i + D/2}) is
+rotated by the angle p * f_i:  x' = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotary_cos_sin(
+    positions: Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin ``(L, D)`` for integer ``positions`` ``(L,)``.
+
+    Computed in float32 and cast last, as Hugging Face does: the model may run in bf16, whose
+    8-bit mantissa cannot hold large angles.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (exponents / head_dim))  # (D / 2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates ``x`` ``(..., L, D)`` by ``cos``/``sin`` ``(L, D)``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half(x)
+    return x * cos + rotated * sin
