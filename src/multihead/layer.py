@@ -18,6 +18,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .functional import attention
+from .kv_cache import KVCache
 from .masks import canonical_mask
 from .projection import (
     append_extra_keys,
@@ -27,13 +28,18 @@ from .projection import (
     split_heads,
     split_packed_heads,
 )
+from .rotary import apply_rotary, rotary_cos_sin
 from .validation import (
     check_dropout,
+    check_extras,
     check_heads,
     check_inputs,
+    check_kv_heads,
     check_masks,
     check_optional_dim,
     check_positive_int,
+    check_rope,
+    check_softcap,
 )
 
 
@@ -75,6 +81,13 @@ class MultiheadAttention(nn.Module):
         batch_first: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        window: int | None = None,
+        qk_norm: bool = False,
+        softcap: float | None = None,
     ) -> None:
         embed_dim = check_positive_int("embed_dim", embed_dim)
         num_heads = check_positive_int("num_heads", num_heads)
@@ -82,6 +95,10 @@ class MultiheadAttention(nn.Module):
         dropout = check_dropout(dropout)
         kdim = check_optional_dim("kdim", kdim)
         vdim = check_optional_dim("vdim", vdim)
+        num_kv_heads = check_kv_heads(num_kv_heads, num_heads)
+        rope_base = check_rope(rope, rope_base, embed_dim // num_heads)
+        window = check_optional_dim("window", window)
+        softcap = check_softcap(softcap)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -92,22 +109,30 @@ class MultiheadAttention(nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
+        # Beyond torch, all off by default (see the README for each).
+        self.num_kv_heads = num_kv_heads
+        self.rope = bool(rope)
+        self.rope_base = rope_base
+        self.window = window
+        self.qk_norm = bool(qk_norm)
+        self.softcap = softcap
+        kv_dim = num_kv_heads * self.head_dim  # = embed_dim unless key/value heads are shared
 
         # Registration order is torch's, so state_dict keys come in the same order.
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(
-                torch.empty(3 * embed_dim, embed_dim, **factory_kwargs)
+                torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory_kwargs)
             )
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
             self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory_kwargs))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory_kwargs))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory_kwargs))
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory_kwargs))
         else:
             self.register_parameter("in_proj_bias", None)
         # Linear's own init draws here (weight, then bias), before _reset_parameters, as in torch.
@@ -115,12 +140,16 @@ class MultiheadAttention(nn.Module):
             embed_dim, embed_dim, bias=bias, **factory_kwargs
         )
         if add_bias_kv:
-            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory_kwargs))
-            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory_kwargs))
+            self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim, **factory_kwargs))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, kv_dim, **factory_kwargs))
         else:
             # Plain attributes, not registered parameters: torch's state_dict has no such keys.
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
+        if self.qk_norm:
+            # After torch's parameters, so a default layer's state_dict is torch's exactly.
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -155,6 +184,9 @@ class MultiheadAttention(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        cache: KVCache | None = None,
+        segment_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attends from ``query`` to ``key`` / ``value``.
 
@@ -170,16 +202,23 @@ class MultiheadAttention(nn.Module):
             average_attn_weights: average the returned weights over heads.
             is_causal: apply the causal mask (query i sees keys j <= i), together with
                 ``attn_mask`` when one is given.
+            cache: a :class:`multihead.KVCache` from :meth:`new_cache` (inference only). The new
+                keys and values (S == L tokens) are appended, and the queries attend causally
+                over everything cached: the query at position p sees keys at positions <= p.
+            segment_ids: ``(N, L)`` (``(L,)`` unbatched) integer labels for packed rows of
+                self-attention (S == L): tokens attend only within their own segment.
 
         Returns:
             ``(attn_output, attn_weights)``: output shaped like ``query`` with E features;
             weights ``(N, L, S + X)`` averaged or ``(N, H, L, S + X)`` per head (without N when
-            unbatched), or None when ``need_weights=False``.
+            unbatched; S is the cache's max_len with a cache), or None when
+            ``need_weights=False``.
 
         Raises:
-            TypeError: a non-tensor input, a mask of a non-bool non-float dtype, or an input
-                dtype that differs from the layer's.
-            ValueError: a wrong rank, embedding size, sequence or batch size, or mask shape.
+            TypeError: a non-tensor input, a mask of a non-bool non-float dtype, an input
+                dtype that differs from the layer's, or a wrong cache / segment_ids type.
+            ValueError: a wrong rank, embedding size, sequence or batch size, mask shape, or
+                cache misuse (full, wrong batch, with gradients, with masks).
         """
         is_batched = check_inputs(
             query,
@@ -204,8 +243,26 @@ class MultiheadAttention(nn.Module):
             query_len=query_len,
             key_len=key_len,
         )
+        check_extras(
+            self,
+            cache,
+            segment_ids,
+            is_batched=is_batched,
+            batch_size=batch_size,
+            query_len=query_len,
+            key_len=key_len,
+            has_masks=key_padding_mask is not None or attn_mask is not None,
+        )
 
-        q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H, *, D)
+        q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H*, *, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = 0 if cache is None else cache.length
+        if self.rope:
+            q, k = self._rotate(q, k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
+            key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         mask, causal = canonical_mask(
             key_padding_mask=key_padding_mask,
@@ -218,6 +275,9 @@ class MultiheadAttention(nn.Module):
             extra_keys=k.shape[2] - key_len,
             dtype=q.dtype,
             device=q.device,
+            query_offset=offset,
+            window=self.window,
+            segment_ids=None if segment_ids is None else segment_ids.view(batch_size, -1),
         )
         out, weights = attention(
             q,
@@ -228,6 +288,7 @@ class MultiheadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
             average_weights=average_attn_weights,
+            softcap=self.softcap,
         )  # (N, H, L, D), weights (N, [H,] L, S + X)
         out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
@@ -236,23 +297,72 @@ class MultiheadAttention(nn.Module):
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
 
+    def merge_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
+    ) -> tuple[Tensor | None, int | None]:
+        """torch's mask merger, which torch's ``TransformerEncoderLayer`` inference fast path
+        calls on its ``self_attn``: attn_mask ``(L, L)`` or ``(N * H, L, L)`` and
+        key_padding_mask ``(N, L)`` -> ``(merged, mask_type)``, where mask_type is 1 for the
+        padding mask alone and 2 for a ``(N, H, L, L)`` sum; ``(None, None)`` without masks."""
+        if attn_mask is None:
+            return key_padding_mask, None if key_padding_mask is None else 1
+        batch_size, seq_len, _ = query.shape
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(batch_size, -1, seq_len, seq_len)  # (N, H, L, L)
+        else:
+            merged = attn_mask.view(1, 1, seq_len, seq_len).expand(
+                batch_size, self.num_heads, -1, -1
+            )
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(batch_size, 1, 1, seq_len)
+        return merged, 2
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A preallocated :class:`multihead.KVCache` for ``batch_size`` rows of up to
+        ``max_len`` tokens: keys and values ``(N, Hkv, max_len, D)``, in the layer's dtype and
+        device unless given."""
+        weight = self.out_proj.weight
+        return KVCache(
+            check_positive_int("batch_size", batch_size),
+            self.num_kv_heads,
+            check_positive_int("max_len", max_len),
+            self.head_dim,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device if device is None else device,
+        )
+
+    def _rotate(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """RoPE on q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``, positions from ``offset``."""
+        length = max(q.shape[2], k.shape[2])
+        positions = torch.arange(offset, offset + length, device=q.device)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)  # (L, D)
+        q = apply_rotary(q, cos[: q.shape[2]], sin[: q.shape[2]])
+        return q, apply_rotary(k, cos[: k.shape[2]], sin[: k.shape[2]])
+
     def _project_heads(
         self, query: Tensor, key: Tensor, value: Tensor, is_batched: bool, batch_first: bool
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Input projections split into heads: q ``(N, H, L, D)``, k and v ``(N, H, S, D)``."""
-        if self._qkv_same_embed_dim and query is key and key is value:
+        """Input projections split into heads: q ``(N, H, L, D)``, k and v ``(N, Hkv, S, D)``."""
+        same_heads = self.num_kv_heads == self.num_heads
+        if same_heads and self._qkv_same_embed_dim and query is key and key is value:
             # Self-attention: one GEMM, then one view and one permute for all of q, k and v.
             proj = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (..., 3E)
             if not is_batched:
                 proj = proj.unsqueeze(0)  # (1, L, 3E)
             return split_packed_heads(proj, self.num_heads, batch_first)
-        q, k, v = self._in_projection(query, key, value)  # (..., E) in the caller's layout
+        q, k, v = self._in_projection(query, key, value)  # (..., E or Ekv), caller's layout
         if not is_batched:
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, L or S, E)
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # (1, L or S, ·)
         return (
             split_heads(q, self.num_heads, batch_first),
-            split_heads(k, self.num_heads, batch_first),
-            split_heads(v, self.num_heads, batch_first),
+            split_heads(k, self.num_kv_heads, batch_first),
+            split_heads(v, self.num_kv_heads, batch_first),
         )
 
     def _in_projection(

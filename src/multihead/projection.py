@@ -14,22 +14,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _sizes(weight: Tensor) -> list[int]:
+    """Rows of a packed ``(E + 2 Ekv, E)`` weight: q ``E``, k ``Ekv``, v ``Ekv``
+    (``Ekv = Hkv * D``; equal to E without grouped-query attention)."""
+    embed_dim = weight.shape[1]
+    kv_rows = (weight.shape[0] - embed_dim) // 2
+    return [embed_dim, kv_rows, kv_rows]
+
+
 def packed_in_projection(
     query: Tensor, key: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Projects q, k, v with one packed weight ``(3E, E)`` whose rows are q, then k, then v.
+    """Projects q, k, v with one packed weight ``(E + 2 Ekv, E)`` whose rows are q, then k,
+    then v (``(3E, E)`` as torch's, unless key/value heads are shared).
 
     Self-attention (``query is key is value``) runs one GEMM; encoder-decoder attention
-    (``key is value``) runs two. Inputs ``(..., E)``; outputs ``(..., E)`` each.
+    (``key is value``) runs two. Inputs ``(..., E)``; outputs q ``(..., E)``, k and v
+    ``(..., Ekv)``.
     """
+    sizes = _sizes(weight)
     if query is key and key is value:
-        return F.linear(query, weight, bias).chunk(3, dim=-1)  # 3 x (..., E)
-    embed_dim = weight.shape[1]
-    w_q, w_kv = weight.split([embed_dim, 2 * embed_dim])
-    b_q, b_kv = (None, None) if bias is None else bias.split([embed_dim, 2 * embed_dim])
+        return F.linear(query, weight, bias).split(sizes, dim=-1)  # (..., E), 2 x (..., Ekv)
+    w_q, w_kv = weight.split([sizes[0], 2 * sizes[1]])
+    b_q, b_kv = (None, None) if bias is None else bias.split([sizes[0], 2 * sizes[1]])
     q = F.linear(query, w_q, b_q)
     if key is value:
-        k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)  # 2 x (..., E)
+        k, v = F.linear(key, w_kv, b_kv).chunk(2, dim=-1)  # 2 x (..., Ekv)
         return q, k, v
     w_k, w_v = w_kv.chunk(2)
     b_k, b_v = (None, None) if b_kv is None else b_kv.chunk(2)
@@ -45,11 +55,13 @@ def separate_in_projection(
     v_weight: Tensor,
     bias: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Projects q ``(..., E)``, k ``(..., Ek)`` and v ``(..., Ev)`` to ``(..., E)`` each.
+    """Projects q ``(..., E)``, k ``(..., Ek)`` and v ``(..., Ev)`` to ``(..., E)``,
+    ``(..., Ekv)`` and ``(..., Ekv)``.
 
-    ``bias`` is the packed ``(3E,)`` in-projection bias (q, k, v), or None.
+    ``bias`` is the packed ``(E + 2 Ekv,)`` in-projection bias (q, k, v), or None.
     """
-    b_q, b_k, b_v = (None, None, None) if bias is None else bias.chunk(3)
+    sizes = [q_weight.shape[0], k_weight.shape[0], v_weight.shape[0]]
+    b_q, b_k, b_v = (None, None, None) if bias is None else bias.split(sizes)
     return (
         F.linear(query, q_weight, b_q),
         F.linear(key, k_weight, b_k),

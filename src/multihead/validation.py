@@ -186,3 +186,147 @@ def check_masks(
                     f"shape {tuple(attn_mask.shape)}",
                 )
             )
+
+
+def check_kv_heads(num_kv_heads: object, num_heads: int) -> int:
+    """Returns the number of key/value heads: ``num_heads`` when None, else a positive
+    divisor of ``num_heads``."""
+    if num_kv_heads is None:
+        return num_heads
+    num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(
+            invalid(
+                "num_kv_heads",
+                f"a divisor of num_heads={num_heads}",
+                f"num_kv_heads={num_kv_heads}",
+            )
+        )
+    return num_kv_heads
+
+
+def check_rope(rope: bool, rope_base: object, head_dim: int) -> float:
+    """Returns ``rope_base`` as a float (> 0); rotary embeddings need an even head_dim."""
+    if isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real):
+        raise TypeError(invalid("rope_base", "a positive number", f"rope_base={rope_base!r}"))
+    if not rope_base > 0:
+        raise ValueError(invalid("rope_base", "a positive number", f"rope_base={rope_base!r}"))
+    if rope and head_dim % 2:
+        raise ValueError(
+            invalid(
+                "rope",
+                "an even head_dim (embed_dim / num_heads) for rotary embeddings",
+                f"head_dim={head_dim}",
+            )
+        )
+    return float(rope_base)
+
+
+def check_softcap(softcap: object) -> float | None:
+    """Returns ``softcap`` as a float > 0, or None."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(invalid("softcap", "a positive number or None", f"softcap={softcap!r}"))
+    if not softcap > 0:
+        raise ValueError(invalid("softcap", "a positive number or None", f"softcap={softcap!r}"))
+    return float(softcap)
+
+
+def check_extras(
+    layer: torch.nn.Module,
+    cache: object,
+    segment_ids: object,
+    *,
+    is_batched: bool,
+    batch_size: int,
+    query_len: int,
+    key_len: int,
+    has_masks: bool,
+) -> None:
+    """Checks forward's ``cache`` and ``segment_ids`` against the layer and the inputs."""
+    from .kv_cache import KVCache  # validation stays importable without the module graph
+
+    if cache is not None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(
+                invalid("cache", "a KVCache from layer.new_cache(...) or None", _describe(cache))
+            )
+        expected = (layer.num_kv_heads, layer.head_dim)
+        if (cache.k.shape[1], cache.k.shape[3]) != expected:
+            raise ValueError(
+                invalid(
+                    "cache",
+                    f"num_kv_heads={expected[0]} and head_dim={expected[1]} (this layer's)",
+                    f"a cache with {cache.k.shape[1]} heads of {cache.k.shape[3]} dims",
+                )
+            )
+        if cache.batch_size != batch_size:
+            raise ValueError(
+                invalid("cache", f"batch size {batch_size} (as query)", cache.batch_size)
+            )
+        if torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "a call under torch.no_grad() or torch.inference_mode() (a KV cache "
+                    "holds no autograd history)",
+                    "a call with gradients enabled",
+                )
+            )
+        if query_len != key_len:
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "key and value holding the same new tokens as query (S == L)",
+                    f"L={query_len}, S={key_len}",
+                )
+            )
+        if has_masks or layer.bias_k is not None or layer.add_zero_attn:
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "no key_padding_mask / attn_mask and no add_bias_kv / add_zero_attn "
+                    "(not supported with a cache)",
+                    "a call or layer that uses them",
+                )
+            )
+        if cache.length + key_len > cache.max_len:
+            raise ValueError(
+                invalid(
+                    "cache",
+                    f"room for {key_len} more tokens: it holds {cache.length} of "
+                    f"max_len={cache.max_len}",
+                    f"{cache.length + key_len - cache.max_len} tokens too many; make the cache "
+                    "larger or call cache.reset()",
+                )
+            )
+    if segment_ids is not None:
+        if not isinstance(segment_ids, Tensor):
+            raise TypeError(
+                invalid("segment_ids", "an integer torch.Tensor or None", _describe(segment_ids))
+            )
+        if (
+            segment_ids.is_floating_point()
+            or segment_ids.is_complex()
+            or (segment_ids.dtype == torch.bool)
+        ):
+            raise TypeError(invalid("segment_ids", "an integer dtype", segment_ids.dtype))
+        expected_shape = (batch_size, query_len) if is_batched else (query_len,)
+        if tuple(segment_ids.shape) != expected_shape:
+            legend = "(N, L)" if is_batched else "(L,) for unbatched input"
+            raise ValueError(
+                invalid(
+                    "segment_ids",
+                    f"shape {expected_shape} {legend}",
+                    f"shape {tuple(segment_ids.shape)}",
+                )
+            )
+        if query_len != key_len or cache is not None:
+            raise ValueError(
+                invalid(
+                    "segment_ids",
+                    "self-attention over one packed row (S == L) without a cache",
+                    f"L={query_len}, S={key_len}, cache={'set' if cache is not None else None}",
+                )
+            )
