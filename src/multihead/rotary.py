@@ -17,12 +17,13 @@ def rotary_cos_sin(
 ) -> tuple[Tensor, Tensor]:
     """cos and sin ``(L, D)`` for integer ``positions`` ``(L,)``.
 
-    Computed in float32 and cast last, as Hugging Face does: the model may run in bf16, whose
-    8-bit mantissa cannot hold large angles.
+    Computed in float32 (float64 for a float64 model) and cast last, as Hugging Face does: the
+    model may run in bf16, whose 8-bit mantissa cannot hold large angles.
     """
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+    work = torch.promote_types(torch.float32, dtype)
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=work)
     inv_freq = 1.0 / (base ** (exponents / head_dim))  # (D / 2,)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (L, D / 2)
+    angles = positions.to(work)[:, None] * inv_freq[None, :]  # (L, D / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
