@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column")
+    parser.add_argument(
+        "--no-decode", action="store_true", help="skip the KV-cache decode and GQA comparison"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--budget",
@@ -63,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
         modes=args.modes,
         memory=not args.no_memory,
         onnx=not args.no_onnx,
+        decode=not args.no_decode,
         device=args.device,
         budget_s=args.budget,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import decode as decode_benchmark
 from . import memory
 from .cases import (
     MODES,
@@ -48,6 +49,7 @@ class Options:
         onnx: time the ONNX Runtime column where it applies.
         device: ``"cpu"`` or ``"cuda"``.
         budget_s: seconds of timed rounds per case; None for the default (8 s, 1.5 s quick).
+        decode: also run the KV-cache decode and the GQA comparison (decode.md / .json / .png).
     """
 
     quick: bool = False
@@ -57,6 +59,7 @@ class Options:
     onnx: bool = True
     device: str = "cpu"
     budget_s: float | None = None
+    decode: bool = True
 
     def grid(self) -> list[Case]:
         return quick_grid(self.modes) if self.quick else full_grid(self.modes)
@@ -201,6 +204,13 @@ def run(options: Options) -> tuple[list[dict], dict, list[Path]]:
         progress.finish(case, row)
     progress.close()
     paths = write_tables(rows, machine, options.out)
+    if options.decode:
+        progress_line = "decode and GQA ..."
+        print(progress_line, file=sys.stderr, flush=True)
+        decoded = decode_benchmark.decode(device, 256 if options.quick else 1024)
+        grouped = decode_benchmark.grouped_query(device, 1024 if options.quick else 2048)
+        paths += decode_benchmark.write(decoded, grouped, machine, options.out)
+        print(decode_benchmark.markdown(decoded, grouped), file=sys.stderr)
     try:
         paths += write_plots(rows, machine, options.out)
     except ImportError:  # matplotlib is imported inside write_plots, only when installed

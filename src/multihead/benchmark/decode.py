@@ -1,0 +1,194 @@
+"""Autoregressive decoding and grouped-query attention, ours against torch.
+
+Shape legend: N batch (1 here), T tokens generated, E embed dim, H heads, Hkv key/value heads.
+
+Decode: T tokens one at a time. Ours appends each token's key and value to a KV cache and
+attends from the new token only; torch.nn.MultiheadAttention has no cache, so it recomputes
+causal attention over the whole prefix at every step (its best causal call: float mask +
+is_causal) and the step's output is the last row. Both run eval + no_grad, fp32, one process,
+with the step order alternating between the two so drift hits both alike.
+
+GQA: one causal inference call at L tokens with Hkv = H (full MHA) and Hkv < H, time and the
+bytes a KV cache of that length holds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..layer import MultiheadAttention
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def decode(device: torch.device, tokens: int, embed_dim: int = 512, heads: int = 8) -> dict:
+    """Per-token times (ms) generating ``tokens`` tokens with our cache and with torch."""
+    torch.manual_seed(0)
+    ours = MultiheadAttention(embed_dim, heads, batch_first=True, device=device).eval()
+    theirs = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True, device=device)
+    theirs.load_state_dict(ours.state_dict())
+    theirs.eval()
+    x = torch.randn(1, tokens, embed_dim, device=device)  # the sequence being generated
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(tokens, device=device)
+    cache = ours.new_cache(1, tokens)
+    ours_ms, torch_ms = [], []
+    with torch.no_grad():
+        for t in range(tokens):
+            step = x[:, t : t + 1]
+            prefix, mask = x[:, : t + 1], causal[: t + 1, : t + 1]
+
+            def ours_step(step=step):
+                return ours(step, step, step, cache=cache, need_weights=False)
+
+            def torch_step(prefix=prefix, mask=mask):
+                return theirs(prefix, prefix, prefix, attn_mask=mask, is_causal=True)[0][:, -1:]
+
+            if t % 2:
+                torch_ms.append(_seconds(torch_step, device) * 1e3)
+                ours_ms.append(_seconds(ours_step, device) * 1e3)
+            else:
+                ours_ms.append(_seconds(ours_step, device) * 1e3)
+                torch_ms.append(_seconds(torch_step, device) * 1e3)
+    window = max(1, tokens // 16)
+    first = statistics.median(ours_ms[1 : window + 1])  # step 0 pays one-off set-up
+    last = statistics.median(ours_ms[-window:])
+    return {
+        "tokens": tokens,
+        "E": embed_dim,
+        "H": heads,
+        "ours_total_ms": sum(ours_ms),
+        "torch_total_ms": sum(torch_ms),
+        "speedup": sum(torch_ms) / sum(ours_ms),
+        "ours_first_ms": first,
+        "ours_last_ms": last,
+        "ours_last_over_first": last / first,
+        "torch_first_ms": statistics.median(torch_ms[1 : window + 1]),
+        "torch_last_ms": statistics.median(torch_ms[-window:]),
+        "ours_ms": ours_ms,
+        "torch_ms": torch_ms,
+    }
+
+
+def grouped_query(
+    device: torch.device, seq_len: int, embed_dim: int = 512, heads: int = 8, kv_heads: int = 2
+) -> dict:
+    """Causal inference time and KV-cache bytes, Hkv = ``kv_heads`` against Hkv = H."""
+    torch.manual_seed(0)
+    x = torch.randn(1, seq_len, embed_dim, device=device)
+    layers = {
+        name: MultiheadAttention(
+            embed_dim, heads, batch_first=True, num_kv_heads=hkv, device=device
+        ).eval()
+        for name, hkv in (("mha", heads), ("gqa", kv_heads))
+    }
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    with torch.no_grad():
+        for layer in layers.values():
+            layer(x, x, x, need_weights=False, is_causal=True)  # warm-up
+        for round_ in range(7):
+            order = list(layers) if round_ % 2 else list(layers)[::-1]
+            for name in order:
+                layer = layers[name]
+                times[name].append(
+                    _seconds(
+                        lambda layer=layer: layer(x, x, x, need_weights=False, is_causal=True),
+                        device,
+                    )
+                )
+    head_dim = embed_dim // heads
+    cache_bytes = {
+        name: 2 * seq_len * layer.num_kv_heads * head_dim * x.element_size()
+        for name, layer in layers.items()
+    }
+    mha_ms, gqa_ms = (statistics.median(times[n]) * 1e3 for n in ("mha", "gqa"))
+    return {
+        "L": seq_len,
+        "E": embed_dim,
+        "H": heads,
+        "Hkv": kv_heads,
+        "mha_ms": mha_ms,
+        "gqa_ms": gqa_ms,
+        "gqa_over_mha_time": gqa_ms / mha_ms,
+        "mha_cache_MiB": cache_bytes["mha"] / 2**20,
+        "gqa_cache_MiB": cache_bytes["gqa"] / 2**20,
+        "gqa_over_mha_cache": cache_bytes["gqa"] / cache_bytes["mha"],
+    }
+
+
+def markdown(decoded: dict, grouped: dict) -> str:
+    """The decode and GQA results as Markdown."""
+    return "\n".join(
+        [
+            "## Autoregressive decode (eval, fp32, batch 1)",
+            "",
+            f"{decoded['tokens']} tokens one at a time, E={decoded['E']}, H={decoded['H']}: "
+            "ours with a KV cache, torch recomputing causal attention over the prefix.",
+            "",
+            "| | ours | torch |",
+            "| --- | ---: | ---: |",
+            f"| total ms | {decoded['ours_total_ms']:.1f} | {decoded['torch_total_ms']:.1f} |",
+            f"| ms per token, first 1/16 | {decoded['ours_first_ms']:.3f} | "
+            f"{decoded['torch_first_ms']:.3f} |",
+            f"| ms per token, last 1/16 | {decoded['ours_last_ms']:.3f} | "
+            f"{decoded['torch_last_ms']:.3f} |",
+            "",
+            f"Speed-up in total: {decoded['speedup']:.1f}x. Our per-token time, last over first: "
+            f"{decoded['ours_last_over_first']:.2f}.",
+            "",
+            f"## Grouped-query attention (causal inference, L={grouped['L']}, "
+            f"E={grouped['E']}, H={grouped['H']})",
+            "",
+            "| | Hkv = H (MHA) | Hkv = " + str(grouped["Hkv"]) + " (GQA) | GQA / MHA |",
+            "| --- | ---: | ---: | ---: |",
+            f"| time ms | {grouped['mha_ms']:.1f} | {grouped['gqa_ms']:.1f} | "
+            f"{grouped['gqa_over_mha_time']:.2f} |",
+            f"| KV cache MiB | {grouped['mha_cache_MiB']:.2f} | {grouped['gqa_cache_MiB']:.2f} | "
+            f"{grouped['gqa_over_mha_cache']:.2f} |",
+            "",
+        ]
+    )
+
+
+def write(decoded: dict, grouped: dict, machine: dict, out_dir: Path) -> list[Path]:
+    """Writes ``decode.md``, ``decode.json`` and (with matplotlib) ``decode.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = out_dir / "decode.md", out_dir / "decode.json"
+    md_path.write_text(markdown(decoded, grouped))
+    payload = {"machine": machine, "decode": decoded, "gqa": grouped}
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    paths = [md_path, json_path]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    positions = range(1, decoded["tokens"] + 1)
+    ax.plot(positions, decoded["torch_ms"], label="torch: recompute the prefix", lw=0.8)
+    ax.plot(positions, decoded["ours_ms"], label="ours: KV cache", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("position of the generated token")
+    ax.set_ylabel("ms per token (log scale)")
+    ax.set_title(f"Decode, E={decoded['E']} H={decoded['H']}: {decoded['speedup']:.1f}x in total")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png = out_dir / "decode.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [*paths, png]
