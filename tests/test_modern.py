@@ -290,3 +290,23 @@ def test_defaults_keep_torchs_initialisation():
     theirs = torch.nn.MultiheadAttention(16, 4)
     for name, p in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[name], p), name
+
+
+def test_kv_cache_decode_compiles_once_for_every_step():
+    """Static shapes and a tensor fill level: torch.compile traces one graph for the prefill
+    and one for all decode steps, and matches eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    layer = build(embed_dim=16, num_heads=4, num_kv_heads=2, rope=True).eval()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(1, 20, 16, dtype=torch.float64)
+    with torch.no_grad():
+        eager_cache, compiled_cache = layer.new_cache(1, 20), layer.new_cache(1, 20)
+        for start, stop in [(0, 6), *[(t, t + 1) for t in range(6, 20)]]:
+            chunk = x[:, start:stop]
+            ref, _ = layer(chunk, chunk, chunk, cache=eager_cache, need_weights=False)
+            out, _ = compiled(chunk, chunk, chunk, cache=compiled_cache, need_weights=False)
+            torch.testing.assert_close(out, ref, **TOL)
+    assert counters["stats"]["unique_graphs"] == 2

@@ -35,7 +35,15 @@ class KVCache(nn.Module):
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.length = 0  # slots filled; the next token goes to position `length`
+        # The fill level: a tensor, not a Python int, so that torch.compile traces one graph
+        # for every step instead of specialising on (and recompiling for) each position.
+        position = torch.zeros((), dtype=torch.long, device=device)
+        self.register_buffer("position", position, persistent=False)
+
+    @property
+    def length(self) -> int:
+        """Slots filled; the next token goes to this position."""
+        return int(self.position)
 
     @property
     def batch_size(self) -> int:
@@ -50,15 +58,15 @@ class KVCache(nn.Module):
 
         Returns the whole buffers ``(N, Hkv, M, D)``. The caller checks the room first.
         """
-        start, stop = self.length, self.length + k_new.shape[2]
-        self.k[:, :, start:stop] = k_new
-        self.v[:, :, start:stop] = v_new
-        self.length = stop
+        slots = self.position + torch.arange(k_new.shape[2], device=self.position.device)
+        self.k.index_copy_(2, slots, k_new)
+        self.v.index_copy_(2, slots, v_new)
+        self.position += k_new.shape[2]
         return self.k, self.v
 
     def reset(self) -> None:
         """Empties the cache (the buffers keep their memory)."""
-        self.length = 0
+        self.position.zero_()
 
     def extra_repr(self) -> str:
         n, hkv, m, d = self.k.shape

@@ -257,7 +257,7 @@ class MultiheadAttention(nn.Module):
         q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H*, *, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        offset = 0 if cache is None else cache.length
+        offset = 0 if cache is None else cache.position.clone()  # before update() moves it
         if self.rope:
             q, k = self._rotate(q, k, offset)
         if cache is not None:
@@ -337,10 +337,10 @@ class MultiheadAttention(nn.Module):
             device=weight.device if device is None else device,
         )
 
-    def _rotate(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+    def _rotate(self, q: Tensor, k: Tensor, offset: int | Tensor) -> tuple[Tensor, Tensor]:
         """RoPE on q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``, positions from ``offset``."""
         length = max(q.shape[2], k.shape[2])
-        positions = torch.arange(offset, offset + length, device=q.device)
+        positions = torch.arange(length, device=q.device) + offset
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)  # (L, D)
         q = apply_rotary(q, cos[: q.shape[2]], sin[: q.shape[2]])
         return q, apply_rotary(k, cos[: k.shape[2]], sin[: k.shape[2]])

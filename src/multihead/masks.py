@@ -94,7 +94,7 @@ def canonical_mask(
     extra_keys: int,
     dtype: torch.dtype,
     device: torch.device,
-    query_offset: int = 0,
+    query_offset: int | Tensor = 0,
     window: int | None = None,
     segment_ids: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
@@ -105,8 +105,8 @@ def canonical_mask(
         attn_mask: ``(L, S)`` or ``(N * H, L, S)`` (batch-major), bool or float.
         is_causal: also mask keys j > i, whether or not ``attn_mask`` is given.
         extra_keys: number of always-attendable key slots appended after the S real keys.
-        query_offset: absolute position of the first query (a KV cache's fill level); key j is
-            at position j.
+        query_offset: absolute position of the first query (a KV cache's fill level, possibly
+            a 0-dim tensor); key j is at position j.
         window: sliding window, see :func:`position_mask`.
         segment_ids: ``(N, L)`` segment labels of a packed self-attention row (L == S).
 
@@ -116,7 +116,8 @@ def canonical_mask(
         that happens when causal is the only constraint (from ``is_causal``, or an ``attn_mask``
         that is exactly the causal pattern), so a kernel can skip whole blocks.
     """
-    plain = query_offset == 0 and window is None and segment_ids is None
+    no_offset = isinstance(query_offset, int) and query_offset == 0
+    plain = no_offset and window is None and segment_ids is None
     if plain and key_padding_mask is None and extra_keys == 0:
         if attn_mask is not None and is_causal_pattern(attn_mask):
             # A causal mask given as a tensor runs as fast as is_causal: the kernel can skip
