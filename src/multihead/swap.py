@@ -1,0 +1,153 @@
+"""Swapping torch's attention for ours inside existing models, and back.
+
+Conversion moves the parameter objects themselves: no tensor is copied or redrawn, so the
+weights, device, dtype, ``requires_grad``, weight tying and an optimizer that already holds the
+parameters all carry over, and the global random generator is left where it was.
+
+torch's ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) has an inference fast
+path (eval mode, no autograd, ``batch_first``, even head count, ...) that never calls its
+attention's ``forward``: it reads ``in_proj_weight``, ``out_proj`` etc. and runs torch's fused
+``torch._transformer_encoder_layer_fwd`` kernel. After :func:`swap` that kernel runs on our
+layer's parameters, so there the numbers are torch's, not our code's. Turn it off with
+``torch.backends.mha.set_fastpath_enabled(False)`` to run our layer everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from .layer import MultiheadAttention
+from .validation import invalid
+
+# torch's constructor arguments; anything our constructor takes beyond these is ours alone.
+_TORCH_ARGUMENTS = frozenset(inspect.signature(nn.MultiheadAttention.__init__).parameters)
+
+
+def _qualified(obj: object) -> str:
+    """``module.Class``: both layer classes are called MultiheadAttention."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _options(layer: nn.Module) -> dict:
+    """The constructor options of a torch-compatible layer, read back from its attributes."""
+    return dict(
+        embed_dim=layer.embed_dim,
+        num_heads=layer.num_heads,
+        dropout=layer.dropout,
+        bias=layer.in_proj_bias is not None,
+        add_bias_kv=layer.bias_k is not None,
+        add_zero_attn=layer.add_zero_attn,
+        kdim=layer.kdim,
+        vdim=layer.vdim,
+        batch_first=layer.batch_first,
+        dtype=layer.out_proj.weight.dtype,
+    )
+
+
+def _move_parameters(source: nn.Module, target: nn.Module) -> nn.Module:
+    """Hands ``source``'s parameter objects to ``target`` (built on the meta device), strictly:
+    every key must match. Returns ``target`` in ``source``'s train/eval mode."""
+    target.load_state_dict(source.state_dict(keep_vars=True), strict=True, assign=True)
+    return target.train(source.training)
+
+
+def from_torch(layer: nn.MultiheadAttention) -> MultiheadAttention:
+    """Our layer with the options and the very parameters of torch's ``layer``.
+
+    Args:
+        layer: a ``torch.nn.MultiheadAttention``.
+
+    Returns:
+        A :class:`multihead.MultiheadAttention` holding ``layer``'s parameter objects (shared,
+        not copied), in ``layer``'s train/eval mode. Hooks on ``layer`` are not carried over.
+
+    Raises:
+        TypeError: ``layer`` is not a ``torch.nn.MultiheadAttention``.
+    """
+    if not isinstance(layer, nn.MultiheadAttention):
+        raise TypeError(invalid("layer", "a torch.nn.MultiheadAttention", f"a {_qualified(layer)}"))
+    return _move_parameters(layer, MultiheadAttention(**_options(layer), device="meta"))
+
+
+def to_torch(layer: MultiheadAttention) -> nn.MultiheadAttention:
+    """torch's layer with the options and the very parameters of our ``layer``.
+
+    Args:
+        layer: a :class:`multihead.MultiheadAttention` that uses only torch's options.
+
+    Returns:
+        A ``torch.nn.MultiheadAttention`` holding ``layer``'s parameter objects (shared, not
+        copied), in ``layer``'s train/eval mode.
+
+    Raises:
+        TypeError: ``layer`` is not a :class:`multihead.MultiheadAttention`.
+        ValueError: ``layer`` uses an option torch's layer does not have (a keyword-only
+            argument of our constructor set away from its default).
+    """
+    if not isinstance(layer, MultiheadAttention):
+        raise TypeError(
+            invalid("layer", "a multihead.MultiheadAttention", f"a {_qualified(layer)}")
+        )
+    options = _options(layer)
+    # Our options beyond torch's are stored under their own names; compared with a layer built
+    # with their defaults, so that values the constructor normalises compare equal.
+    plain = MultiheadAttention(**options, device="meta")
+    for name in inspect.signature(MultiheadAttention.__init__).parameters:
+        if name in _TORCH_ARGUMENTS or not hasattr(plain, name):
+            continue
+        value, default = getattr(layer, name), getattr(plain, name)
+        if value != default:
+            raise ValueError(
+                invalid(
+                    "layer",
+                    f"only options torch.nn.MultiheadAttention has ({name}={default!r})",
+                    f"{name}={value!r}",
+                )
+            )
+    return _move_parameters(layer, nn.MultiheadAttention(**options, device="meta"))
+
+
+def swap(model: nn.Module) -> int:
+    """Replaces, in place, every ``torch.nn.MultiheadAttention`` inside ``model`` with ours.
+
+    Each replacement holds the replaced layer's parameter objects (see :func:`from_torch`), so
+    outputs, checkpoints (``state_dict`` keys and values) and optimizers are unchanged. A layer
+    reachable under several names stays one shared layer. Subclasses of torch's layer (such as
+    ``torch.ao.nn.quantizable.MultiheadAttention``, which has other parameters) are left alone.
+
+    Args:
+        model: any module; it is changed in place.
+
+    Returns:
+        How many distinct layers were replaced (0 when there were none).
+
+    Raises:
+        TypeError: ``model`` is itself a ``torch.nn.MultiheadAttention`` (it cannot be replaced
+            in place; use :func:`from_torch`).
+    """
+    if type(model) is nn.MultiheadAttention:
+        raise TypeError(
+            invalid(
+                "model",
+                "a module that contains torch.nn.MultiheadAttention layers "
+                "(convert a single layer with multihead.from_torch)",
+                "a torch.nn.MultiheadAttention",
+            )
+        )
+    # Every path, shared layers included, so that no name keeps pointing at torch's layer.
+    paths = [
+        path
+        for path, module in model.named_modules(remove_duplicate=False)
+        if type(module) is nn.MultiheadAttention
+    ]
+    replacements: dict[int, MultiheadAttention] = {}
+    for path in paths:
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        old = getattr(parent, name)
+        if id(old) not in replacements:
+            replacements[id(old)] = from_torch(old)
+        setattr(parent, name, replacements[id(old)])
+    return len(replacements)
