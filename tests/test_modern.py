@@ -310,3 +310,14 @@ def test_kv_cache_decode_compiles_once_for_every_step():
             out, _ = compiled(chunk, chunk, chunk, cache=compiled_cache, need_weights=False)
             torch.testing.assert_close(out, ref, **TOL)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_window_with_fewer_keys_than_queries_leaves_some_queries_without_keys(is_causal):
+    layer = build(embed_dim=8, num_heads=2, window=2)
+    q, kv = torch.randn(1, 6, 8, dtype=torch.float64), torch.randn(1, 2, 8, dtype=torch.float64)
+    out, w = layer(q, kv, kv, is_causal=is_causal)
+    ref, ref_w = modern_reference(layer, q, kv, kv, is_causal=is_causal)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(w, ref_w.mean(1), **TOL)
+    assert (w[0, 5] == 0).all()  # query 5 is 4+ positions from both keys

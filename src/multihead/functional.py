@@ -107,6 +107,7 @@ def attention(
     need_weights: bool = False,
     average_weights: bool = True,
     softcap: float | None = None,
+    may_mask_whole_rows: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
@@ -123,6 +124,9 @@ def attention(
         average_weights: return weights averaged over heads ``(N, L, S)`` instead of
             per head ``(N, H, L, S)``.
         softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask.
+        may_mask_whole_rows: False when the caller knows that every query keeps a key (causal,
+            window and segment masks always leave a query its own position), which saves the
+            search for empty rows: a per-token cost when decoding.
 
     Returns:
         ``(out, weights)``: out ``(N, H, L, D)``; weights as above, or None.
@@ -132,7 +136,7 @@ def attention(
         # rows emptied by causal and mask together are found by split_empty_rows.
         mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
         is_causal = False
-    mask, empty = split_empty_rows(mask)
+    mask, empty = split_empty_rows(mask) if may_mask_whole_rows else (mask, None)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mask)
     )

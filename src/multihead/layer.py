@@ -289,6 +289,11 @@ class MultiheadAttention(nn.Module):
             need_weights=need_weights,
             average_weights=average_attn_weights,
             softcap=self.softcap,
+            # Causal and segment masks never hide a query's own position (nor key 0), so only
+            # torch's masks, or a window with L != S, can leave a query without keys.
+            may_mask_whole_rows=key_padding_mask is not None
+            or attn_mask is not None
+            or (self.window is not None and query_len != key_len),
         )  # (N, H, L, D), weights (N, [H,] L, S + X)
         out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
