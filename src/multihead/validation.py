@@ -136,6 +136,16 @@ def check_inputs(
     return is_batched
 
 
+def _check_per_token_shape(
+    name: str, x: Tensor, is_batched: bool, batch_size: int, length: int, letter: str
+) -> None:
+    """One value per token: ``(N, length)``, or ``(length,)`` for unbatched input."""
+    expected = (batch_size, length) if is_batched else (length,)
+    if tuple(x.shape) != expected:
+        legend = f"(N, {letter})" if is_batched else f"({letter},) for unbatched input"
+        raise ValueError(invalid(name, f"shape {expected} {legend}", f"shape {tuple(x.shape)}"))
+
+
 def _check_mask_dtype(name: str, mask: Tensor) -> None:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(
@@ -161,16 +171,9 @@ def check_masks(
                 invalid("key_padding_mask", "a torch.Tensor or None", _describe(key_padding_mask))
             )
         _check_mask_dtype("key_padding_mask", key_padding_mask)
-        expected = (batch_size, key_len) if is_batched else (key_len,)
-        if tuple(key_padding_mask.shape) != expected:
-            legend = "(N, S)" if is_batched else "(S,) for unbatched input"
-            raise ValueError(
-                invalid(
-                    "key_padding_mask",
-                    f"shape {expected} {legend}",
-                    f"shape {tuple(key_padding_mask.shape)}",
-                )
-            )
+        _check_per_token_shape(
+            "key_padding_mask", key_padding_mask, is_batched, batch_size, key_len, "S"
+        )
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(invalid("attn_mask", "a torch.Tensor or None", _describe(attn_mask)))
@@ -313,16 +316,7 @@ def check_extras(
             or (segment_ids.dtype == torch.bool)
         ):
             raise TypeError(invalid("segment_ids", "an integer dtype", segment_ids.dtype))
-        expected_shape = (batch_size, query_len) if is_batched else (query_len,)
-        if tuple(segment_ids.shape) != expected_shape:
-            legend = "(N, L)" if is_batched else "(L,) for unbatched input"
-            raise ValueError(
-                invalid(
-                    "segment_ids",
-                    f"shape {expected_shape} {legend}",
-                    f"shape {tuple(segment_ids.shape)}",
-                )
-            )
+        _check_per_token_shape("segment_ids", segment_ids, is_batched, batch_size, query_len, "L")
         if query_len != key_len or cache is not None:
             raise ValueError(
                 invalid(
