@@ -10,6 +10,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from .kv_cache import KVCache
+
 
 def invalid(name: str, expected: str, received: object) -> str:
     """The one message format: argument, expectation, what was received."""
@@ -248,8 +250,6 @@ def check_extras(
     has_masks: bool,
 ) -> None:
     """Checks forward's ``cache`` and ``segment_ids`` against the layer and the inputs."""
-    from .kv_cache import KVCache  # validation stays importable without the module graph
-
     if cache is not None:
         if not isinstance(cache, KVCache):
             raise TypeError(
