@@ -186,38 +186,33 @@ BIG = SMALL_SCORES + 1
         "dropout_p",
         "needs_grad",
         "scores",
-        "query_len",
         "softcap",
         "expected",
     ),
     [
-        (False, True, 0.0, True, BIG, 8, False, "sdpa"),
-        (False, False, 0.1, False, 1, 8, False, "sdpa"),
-        (False, True, 0.0, False, BIG, 1, False, "explicit"),  # one-query decode step
-        (False, True, 0.0, True, BIG, 1, False, "sdpa"),
-        (True, True, 0.0, False, BIG, 8, False, "blockwise"),
-        (True, False, 0.0, False, BIG, 8, False, "blockwise"),
-        (True, False, 0.0, False, SMALL_SCORES, 8, False, "explicit"),
-        (True, True, 0.0, True, BIG, 8, False, "sdpa+averaged_weights"),
-        (True, True, 0.0, True, SMALL_SCORES, 8, False, "explicit"),
-        (True, False, 0.0, True, BIG, 8, False, "explicit"),
-        (True, True, 0.1, True, BIG, 8, False, "explicit"),
-        (True, True, 0.1, False, BIG, 8, False, "explicit"),
-        (False, True, 0.0, False, BIG, 8, True, "blockwise"),  # softcap: no SDPA
-        (True, True, 0.0, True, BIG, 8, True, "explicit"),
-        (False, True, 0.0, False, SMALL_SCORES, 8, True, "explicit"),
+        (False, True, 0.0, True, BIG, False, "sdpa"),
+        (False, False, 0.1, False, 1, False, "sdpa"),
+        (False, True, 0.0, False, BIG, False, "sdpa"),
+        (True, True, 0.0, False, BIG, False, "blockwise"),
+        (True, False, 0.0, False, BIG, False, "blockwise"),
+        (True, False, 0.0, False, SMALL_SCORES, False, "explicit"),
+        (True, True, 0.0, True, BIG, False, "sdpa+averaged_weights"),
+        (True, True, 0.0, True, SMALL_SCORES, False, "explicit"),
+        (True, False, 0.0, True, BIG, False, "explicit"),
+        (True, True, 0.1, True, BIG, False, "explicit"),
+        (True, True, 0.1, False, BIG, False, "explicit"),
+        (False, True, 0.0, False, BIG, True, "blockwise"),  # softcap: no SDPA
+        (True, True, 0.0, True, BIG, True, "explicit"),
+        (False, True, 0.0, False, SMALL_SCORES, True, "explicit"),
     ],
 )
-def test_select_path(
-    need_weights, average, dropout_p, needs_grad, scores, query_len, softcap, expected
-):
+def test_select_path(need_weights, average, dropout_p, needs_grad, scores, softcap, expected):
     got = select_path(
         need_weights=need_weights,
         average_weights=average,
         dropout_p=dropout_p,
         needs_grad=needs_grad,
         score_elements=scores,
-        query_len=query_len,
         softcap=softcap,
     )
     assert got == expected

