@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .logits import attention_logits, weighted_values
+from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
-from .weights import averaged_attention_weights, blockwise_attention_with_weights
+from .weights import (
+    averaged_attention_weights,
+    block_probabilities,
+    blockwise_attention_with_weights,
+)
 
 
 def attention_weights(
@@ -25,20 +29,15 @@ def attention_weights(
     *,
     is_causal: bool,
     softcap: float | None = None,
+    empty: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention weights ``(N, H, L, S)`` for q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``.
 
     Scale 1/sqrt(D), then the optional soft-cap, then the mask. ``is_causal`` masks keys j > i
     (top-left aligned). ``mask`` must have no fully masked rows here; :func:`attention` removes
-    them first.
+    them first and passes them as ``empty`` (bool ``(..., L, 1)``), whose rows come back zero.
     """
-    scores = attention_logits(q, k, softcap=softcap)  # (N, H, L, S)
-    if mask is not None:
-        scores = scores + mask
-    if is_causal:
-        above = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(1)
-        scores = scores.masked_fill(above, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
 
 
 # At or below this many per-head scores (N * H * L * S) a call is dominated by per-op overhead:
@@ -148,9 +147,7 @@ def attention(
         softcap=softcap is not None,
     )
     if path == "explicit":
-        weights = attention_weights(q, k, mask, is_causal=is_causal, softcap=softcap)
-        if empty is not None:
-            weights = weights.masked_fill(empty, 0.0)
+        weights = attention_weights(q, k, mask, is_causal=is_causal, softcap=softcap, empty=empty)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         out = weighted_values(weights, v)  # (N, H, L, D)

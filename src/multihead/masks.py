@@ -35,7 +35,10 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def causal_mask(query_len: int, key_len: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Additive causal mask ``(L, S)``, aligned top-left as SDPA's ``is_causal``: i sees j <= i."""
-    return torch.full((query_len, key_len), float("-inf"), dtype=dtype, device=device).triu_(1)
+    positions = torch.arange(max(query_len, key_len), device=device)
+    return to_additive(
+        position_mask(positions[:query_len], positions[:key_len], causal=True), dtype
+    )
 
 
 def is_causal_pattern(mask: Tensor) -> bool:
@@ -57,7 +60,7 @@ def is_causal_pattern(mask: Tensor) -> bool:
 
 
 def position_mask(
-    query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None
+    query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None = None
 ) -> Tensor:
     """Bool ``(L, S)`` mask (True = masked) from absolute positions.
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .logits import attention_logits, summed_over_groups, weighted_values
+from .masks import position_mask
 
 # Scratch for one block of per-head scores, in elements (8 MiB of fp32). Big enough for GEMM
 # efficiency, small enough to stay near the cache and far below (N, H, L, S) at long L. Measured
@@ -36,27 +37,32 @@ def _rows(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
     return mask[..., start:stop, :]
 
 
-def _block_probs(
+def block_probabilities(
     q_blk: Tensor,
     k: Tensor,
-    mask_blk: Tensor | None,
-    empty_blk: Tensor | None,
-    start: int,
-    is_causal: bool,
+    mask_blk: Tensor | None = None,
+    empty_blk: Tensor | None = None,
+    *,
+    start: int = 0,
+    is_causal: bool = False,
     softcap: float | None = None,
     scratch: Tensor | None = None,
 ) -> Tensor:
-    """Per-head probabilities ``(N, H, B, S)`` for query rows [start, start + B); rows marked
-    in ``empty_blk`` (all keys masked) are zero. ``scratch`` (inference only) receives the
-    scores, so that blocks reuse one buffer instead of faulting in fresh pages each time."""
+    """softmax(q k^T / sqrt(D), soft-capped, + mask) ``(N, H, B, S)`` for the query rows
+    [start, start + B) (all of them with the defaults); rows marked in ``empty_blk`` (all keys
+    masked) are zero. The one place every path computes probabilities.
+
+    ``scratch`` (inference only) receives the scores, so that blocks reuse one buffer instead
+    of faulting in fresh pages each time.
+    """
     scores = attention_logits(q_blk, k, softcap=softcap, out=scratch)  # (N, H, B, S)
     # In place: scores is fresh, and matmul does not keep its output for backward.
     if mask_blk is not None:
         scores.add_(mask_blk)
     if is_causal:
-        rows = torch.arange(start, start + q_blk.shape[-2], device=q_blk.device)[:, None]
-        cols = torch.arange(k.shape[-2], device=q_blk.device)
-        scores.masked_fill_(cols > rows, float("-inf"))  # (B, S) broadcast
+        rows = torch.arange(start, start + q_blk.shape[-2], device=q_blk.device)
+        above = position_mask(rows, torch.arange(k.shape[-2], device=q_blk.device), causal=True)
+        scores.masked_fill_(above, float("-inf"))  # (B, S) broadcast
     probs = torch.softmax(scores, dim=-1)
     # Out of place: softmax keeps its output for backward (a double backward needs it intact).
     return probs if empty_blk is None else probs.masked_fill(empty_blk, 0.0)
@@ -91,7 +97,16 @@ def _probability_blocks(
         yield (
             start,
             stop,
-            _block_probs(q_blk, k, mask_blk, empty_blk, start, is_causal, softcap, scores),
+            block_probabilities(
+                q_blk,
+                k,
+                mask_blk,
+                empty_blk,
+                start=start,
+                is_causal=is_causal,
+                softcap=softcap,
+                scratch=scores,
+            ),
         )
 
 
