@@ -16,22 +16,16 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from ..layer import MultiheadAttention
+from .timing import interleaved, time_call
 
 
-def _seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def _sync(device: torch.device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def decode(device: torch.device, tokens: int, embed_dim: int = 512, heads: int = 8) -> dict:
@@ -45,6 +39,7 @@ def decode(device: torch.device, tokens: int, embed_dim: int = 512, heads: int =
     causal = torch.nn.Transformer.generate_square_subsequent_mask(tokens, device=device)
     cache = ours.new_cache(1, tokens)
     ours_ms, torch_ms = [], []
+    sync = _sync(device)
     with torch.no_grad():
         for t in range(tokens):
             step = x[:, t : t + 1]
@@ -57,11 +52,11 @@ def decode(device: torch.device, tokens: int, embed_dim: int = 512, heads: int =
                 return theirs(prefix, prefix, prefix, attn_mask=mask, is_causal=True)[0][:, -1:]
 
             if t % 2:
-                torch_ms.append(_seconds(torch_step, device) * 1e3)
-                ours_ms.append(_seconds(ours_step, device) * 1e3)
+                torch_ms.append(time_call(torch_step, 1, sync) * 1e3)
+                ours_ms.append(time_call(ours_step, 1, sync) * 1e3)
             else:
-                ours_ms.append(_seconds(ours_step, device) * 1e3)
-                torch_ms.append(_seconds(torch_step, device) * 1e3)
+                ours_ms.append(time_call(ours_step, 1, sync) * 1e3)
+                torch_ms.append(time_call(torch_step, 1, sync) * 1e3)
     window = max(1, tokens // 16)
     first = statistics.median(ours_ms[1 : window + 1])  # step 0 pays one-off set-up
     last = statistics.median(ours_ms[-window:])
@@ -94,20 +89,12 @@ def grouped_query(
         ).eval()
         for name, hkv in (("mha", heads), ("gqa", kv_heads))
     }
-    times: dict[str, list[float]] = {name: [] for name in layers}
+    calls = {
+        name: (lambda layer=layer: layer(x, x, x, need_weights=False, is_causal=True))
+        for name, layer in layers.items()
+    }
     with torch.no_grad():
-        for layer in layers.values():
-            layer(x, x, x, need_weights=False, is_causal=True)  # warm-up
-        for round_ in range(7):
-            order = list(layers) if round_ % 2 else list(layers)[::-1]
-            for name in order:
-                layer = layers[name]
-                times[name].append(
-                    _seconds(
-                        lambda layer=layer: layer(x, x, x, need_weights=False, is_causal=True),
-                        device,
-                    )
-                )
+        times = interleaved(calls, budget_s=0.0, min_rounds=7, max_rounds=7, sync=_sync(device))
     head_dim = embed_dim // heads
     cache_bytes = {
         name: 2 * seq_len * layer.num_kv_heads * head_dim * x.element_size()
