@@ -236,3 +236,18 @@ def test_bench_rejects_an_unknown_mode(capsys):
     with pytest.raises(SystemExit):
         cli_main(["bench", "--modes", "infer,fast"])
     assert "comma-separated list" in capsys.readouterr().err
+
+
+def test_decode_and_gqa_reports(tmp_path):
+    from multihead.benchmark import decode
+
+    cpu = torch.device("cpu")
+    decoded = decode.decode(cpu, tokens=6, embed_dim=16, heads=4)
+    assert len(decoded["ours_ms"]) == len(decoded["torch_ms"]) == 6
+    assert decoded["speedup"] == pytest.approx(decoded["torch_total_ms"] / decoded["ours_total_ms"])
+    grouped = decode.grouped_query(cpu, seq_len=8, embed_dim=16, heads=4, kv_heads=2)
+    assert grouped["gqa_over_mha_cache"] == pytest.approx(0.5)
+    paths = decode.write(decoded, grouped, {"cpu": "test"}, tmp_path)
+    assert {p.name for p in paths} >= {"decode.md", "decode.json"}
+    text = (tmp_path / "decode.md").read_text()
+    assert "Autoregressive decode" in text and "Grouped-query attention" in text
