@@ -5,17 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from . import show
 from .benchmark import cli as bench_cli
-from .demo import seed_example
-from .layer import MultiheadAttention
+from .demo import demo
 
 
 def _demo(_: argparse.Namespace) -> int:
-    print(f"multihead demo (torch {torch.__version__})")
-    print(seed_example(MultiheadAttention))
+    print(demo())
     return 0
 
 
