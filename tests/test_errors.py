@@ -19,7 +19,7 @@ E, H = 8, 2
         (dict(embed_dim=8.0, num_heads=2), TypeError, r"`embed_dim`.*integer.*embed_dim=8.0"),
         (dict(embed_dim=8, num_heads="2"), TypeError, r"`num_heads`.*integer.*'2'"),
         (dict(embed_dim=True, num_heads=1), TypeError, r"`embed_dim`.*embed_dim=True"),
-        (dict(embed_dim=8, num_heads=2, dropout=1.0), ValueError, r"`dropout`.*\[0, 1\).*1.0"),
+        (dict(embed_dim=8, num_heads=2, dropout=1.5), ValueError, r"`dropout`.*\[0, 1\].*1.5"),
         (dict(embed_dim=8, num_heads=2, dropout=-0.1), ValueError, r"`dropout`.*-0.1"),
         (dict(embed_dim=8, num_heads=2, dropout="0.1"), TypeError, r"`dropout`.*'0.1'"),
         (dict(embed_dim=8, num_heads=2, kdim=0), ValueError, r"`kdim`.*positive.*kdim=0"),

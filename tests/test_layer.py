@@ -130,11 +130,17 @@ def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
     layer = build(multihead.MultiheadAttention, dict(embed_dim=8, num_heads=2))
     clone = pickle.loads(pickle.dumps(layer))
     assert clone._qkv_same_embed_dim and torch.equal(clone.in_proj_weight, layer.in_proj_weight)
-    state = layer.__dict__.copy()
-    del state["_qkv_same_embed_dim"]  # as pickled by torch 1.1
-    old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
-    old.__setstate__(state)
-    assert old._qkv_same_embed_dim is True
+    # As pickled by torch 1.1 (no _qkv_same_embed_dim), by torch today (the attribute stored,
+    # none of our options), and by us before it became derived (stored, possibly stale).
+    modern = ("num_kv_heads", "rope", "rope_base", "window", "qk_norm", "softcap")
+    for stored in (None, True, False):
+        state = {k: v for k, v in layer.__dict__.items() if k not in modern}
+        if stored is not None:
+            state["_qkv_same_embed_dim"] = stored
+        old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
+        old.__setstate__(state)
+        assert old._qkv_same_embed_dim is True and old.is_torch_compatible
+        assert old.num_kv_heads == 2 and old.rope is False and old.softcap is None
 
 
 def test_device_and_dtype_arguments():

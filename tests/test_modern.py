@@ -237,7 +237,7 @@ def test_cache_misuse_is_reported_and_changes_nothing(case, error, match):
         (dict(softcap=0.0), ValueError, r"`softcap`.*positive.*softcap=0.0"),
         (dict(softcap=-1), ValueError, r"`softcap`.*softcap=-1"),
         (dict(softcap="3"), TypeError, r"`softcap`.*'3'"),
-        (dict(rope_base=0.0), ValueError, r"`rope_base`.*positive"),
+        (dict(rope_base=0.0), ValueError, r"`rope_base`.*finite number >= 1"),
     ],
 )
 def test_constructor_errors_for_the_modern_options(kwargs, error, match):

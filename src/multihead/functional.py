@@ -15,6 +15,8 @@ from torch import Tensor
 
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
+from .transforms import functional_autodiff
+from .validation import check_attention_arguments
 from .weights import (
     averaged_attention_weights,
     block_probabilities,
@@ -25,18 +27,25 @@ from .weights import (
 def attention_weights(
     q: Tensor,
     k: Tensor,
-    mask: Tensor | None,
+    mask: Tensor | None = None,
     *,
-    is_causal: bool,
+    is_causal: bool = False,
     softcap: float | None = None,
-    empty: Tensor | None = None,
 ) -> Tensor:
     """Softmax attention weights ``(N, H, L, S)`` for q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``.
 
-    Scale 1/sqrt(D), then the optional soft-cap, then the mask. ``is_causal`` masks keys j > i
-    (top-left aligned). ``mask`` must have no fully masked rows here; :func:`attention` removes
-    them first and passes them as ``empty`` (bool ``(..., L, 1)``), whose rows come back zero.
+    Scale 1/sqrt(D), then the optional soft-cap, then the additive float ``mask`` (as
+    :func:`attention`), then ``is_causal`` (keys j > i masked, top-left aligned). A row whose
+    keys are all masked is zero.
+
+    Raises:
+        TypeError, ValueError: as :func:`attention`.
     """
+    check_attention_arguments(q, k, None, mask, softcap=softcap)
+    if is_causal and mask is not None:
+        mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
+        is_causal = False
+    mask, empty = split_empty_rows(mask)
     return block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
 
 
@@ -57,12 +66,14 @@ def select_path(
     needs_grad: bool,
     score_elements: int,
     softcap: bool,
+    functional_autodiff: bool = False,
 ) -> str:
     """The one dispatch point; returns which kernel :func:`attention` runs.
 
     - ``"sdpa"``: ``need_weights=False``. ``F.scaled_dot_product_attention`` (flash / fused
       kernels, causal as a flag so it can skip blocks, key/value heads shared by the kernel),
-      in training and inference alike.
+      in training and inference alike; under autograd its backward is differentiable again
+      (see :class:`_FusedAttention`).
     - ``"blockwise"``: weights, or soft-capped logits, without dropout or autograd (inference),
       above ``SMALL_SCORES``. One pass over query blocks computes each block's probabilities
       once and takes both output rows and weight rows from them: peak memory is the result plus
@@ -74,8 +85,11 @@ def select_path(
     - ``"explicit"``: softmax(q k^T / sqrt(D) + mask) v, materialised, as torch does: per-head
       weights under autograd, weights under dropout (the returned weights are the ones after
       dropout, and the output must use exactly those), soft-capping under autograd or dropout,
-      and small calls.
+      small calls, empty calls (a size of 0), and every call under torch.func transforms or
+      forward-mode AD (plain ops only; see :func:`functional_autodiff`).
     """
+    if functional_autodiff or score_elements == 0:
+        return "explicit"
     if softcap:  # SDPA has no logit transform
         if needs_grad or dropout_p > 0.0 or score_elements <= SMALL_SCORES:
             return "explicit"
@@ -105,29 +119,69 @@ def attention(
     need_weights: bool = False,
     average_weights: bool = True,
     softcap: float | None = None,
-    may_mask_whole_rows: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
-    Every path (see :func:`select_path`) computes the same numbers, to rounding.
+    Every path (see :func:`select_path`) computes the same numbers, to rounding. A query row
+    whose keys are all masked attends to nothing: its output and weights are zero (never NaN,
+    whatever the masked keys and values hold).
 
     Args:
         q: ``(N, H, L, D)``.
         k, v: ``(N, Hkv, S, D)``; Hkv divides H, and query head h reads key/value head
             h // (H / Hkv) (grouped-query attention; Hkv = 1 is multi-query).
-        mask: additive, broadcastable to ``(N, H, L, S)``, or None.
+        mask: additive float mask (0 = attend, -inf = masked, other values added to the
+            logits), broadcastable to ``(N, H, L, S)``, or None. Bool masks are refused: torch
+            gives them opposite meanings (SDPA: True = attend; MultiheadAttention: True =
+            masked); convert with :func:`multihead.masks.to_additive` (True = masked).
         is_causal: mask keys j > i (top-left aligned, as SDPA).
-        dropout_p: dropout on the attention weights; pass 0.0 in eval.
+        dropout_p: dropout on the attention weights, in [0, 1]; pass 0.0 in eval.
         need_weights: also return the weights.
         average_weights: return weights averaged over heads ``(N, L, S)`` instead of
             per head ``(N, H, L, S)``.
-        softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask.
-        may_mask_whole_rows: False when the caller knows that every query keeps a key (causal,
-            window and segment masks always leave a query its own position), which saves the
-            search for empty rows: a per-token cost when decoding.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask (Gemma 2);
+            a finite number > 0, or None.
 
     Returns:
         ``(out, weights)``: out ``(N, H, L, D)``; weights as above, or None.
+
+    Raises:
+        TypeError: a non-tensor, a non-floating dtype, dtypes that differ, or a bool mask.
+        ValueError: ranks other than 4, mismatched sizes, head counts that do not divide, a
+            mask that does not broadcast, or dropout_p / softcap out of range.
+    """
+    check_attention_arguments(q, k, v, mask, dropout_p=dropout_p, softcap=softcap)
+    return attention_core(
+        q,
+        k,
+        v,
+        mask,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        need_weights=need_weights,
+        average_weights=average_weights,
+        softcap=softcap,
+    )
+
+
+def attention_core(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    average_weights: bool = True,
+    softcap: float | None = None,
+    may_mask_whole_rows: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`attention` without the argument checks (the layer has made them).
+
+    ``may_mask_whole_rows``: False when the caller knows that every query keeps a key (causal,
+    window and segment masks always leave a query its own position), which saves the search
+    for empty rows: a per-token cost when decoding.
     """
     if is_causal and mask is not None:
         # One constraint form per call: the kernel's causal flag only ever comes alone, so that
@@ -145,12 +199,13 @@ def attention(
         needs_grad=needs_grad,
         score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
         softcap=softcap is not None,
+        functional_autodiff=functional_autodiff(q, k, v, mask),
     )
     if path == "explicit":
-        weights = attention_weights(q, k, mask, is_causal=is_causal, softcap=softcap, empty=empty)
+        weights = block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
-        out = weighted_values(weights, v)  # (N, H, L, D)
+        out = _select_empty(weighted_values(weights, v), empty)  # (N, H, L, D)
         if not need_weights:
             return out, None
         return out, weights.mean(dim=1) if average_weights else weights
@@ -167,13 +222,77 @@ def attention(
         )
         return out, weights if need_weights else None
 
-    out = _sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)  # (N, H, L, D)
-    if empty is not None:
-        out = out.masked_fill(empty, 0.0)
+    out = _select_empty(sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal), empty)
     weights = None
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
     return out, weights
+
+
+def _select_empty(out: Tensor, empty: Tensor | None) -> Tensor:
+    """Zeroes the output rows of queries that had no key, by selection: their masked values
+    may hold NaN or inf, and 0 * NaN is NaN."""
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+def sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, dropout_p: float, is_causal: bool
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` ``(N, H, L, D)`` with grouped key/value heads, whose
+    backward can itself be differentiated (double backward, a gradient penalty).
+
+    SDPA's CPU flash kernel (taken when there is no dropout and no mask gradient) has no
+    derivative for its backward; :class:`_FusedAttention` keeps that kernel for the forward
+    and the first backward, and gives a differentiable backward when one is asked for.
+    """
+    fused = (
+        not torch.compiler.is_compiling()  # compiled graphs differentiate SDPA themselves
+        and torch.is_grad_enabled()
+        and dropout_p == 0.0
+        and (mask is None or not mask.requires_grad)
+        and any(t.requires_grad for t in (q, k, v))
+    )
+    if fused:
+        return _FusedAttention.apply(q, k, v, mask, is_causal)
+    return _sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """SDPA forward; backward by SDPA's own kernel, or, under ``create_graph=True``, by
+    differentiating the explicit formula (the same function, so the same gradient to rounding),
+    which autograd can differentiate again.
+
+    Only for calls without dropout (the explicit formula could not replay SDPA's dropout) and
+    without mask gradients; torch.func and forward-mode AD never reach it (see
+    :func:`select_path`).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool):
+        # The kernel's own graph, on detached inputs, kept for the ordinary backward.
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v)]
+            out = _sdpa(*leaves, mask, dropout_p=0.0, is_causal=is_causal)
+        ctx.leaves, ctx.out = leaves, out
+        ctx.mask, ctx.is_causal = mask, is_causal
+        ctx.save_for_backward(q, k, v)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        needed = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            inputs = ctx.saved_tensors
+            probs = block_probabilities(inputs[0], inputs[1], ctx.mask, is_causal=ctx.is_causal)
+            out = weighted_values(probs, inputs[2])
+            create_graph = True
+        else:
+            inputs, out, create_graph = ctx.leaves, ctx.out, False
+        wanted = [x for x, need in zip(inputs, needed, strict=True) if need]
+        grads = iter(
+            torch.autograd.grad(out, wanted, grad_out, retain_graph=True, create_graph=create_graph)
+        )
+        return (*(next(grads) if need else None for need in needed), None, None)
 
 
 def _sdpa(

@@ -10,6 +10,8 @@ keys at positions <= p).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -18,7 +20,9 @@ class KVCache(nn.Module):
     """Keys and values of the tokens seen so far, ``(N, Hkv, M, D)`` each, and the fill level.
 
     Made by :meth:`multihead.MultiheadAttention.new_cache`; pass it as ``cache=`` to forward.
-    The buffers are not part of the state_dict.
+    The buffers are not part of the state_dict. A cache belongs to one layer: the layer that
+    made it, or the first one it is passed to (a cache built directly, or copied / unpickled,
+    has no owner until then); another layer refuses it.
     """
 
     def __init__(
@@ -32,6 +36,12 @@ class KVCache(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(
+                f"Invalid argument `dtype`: expected a floating-point dtype for the keys and "
+                f"values. Received: dtype={dtype}."
+            )
+        self._owner: weakref.ref | None = None  # the layer, held weakly; see owned_by
         shape = (batch_size, num_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -53,16 +63,41 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def owned_by(self, layer: nn.Module) -> bool:
+        """Whether ``layer`` may use this cache: it is the owner, or the cache has none yet."""
+        owner = None if self._owner is None else self._owner()
+        return owner is None or owner is layer
+
+    def claim(self, layer: nn.Module) -> None:
+        """Makes ``layer`` the owner (the caller has checked :meth:`owned_by`)."""
+        self._owner = weakref.ref(layer)
+
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Writes ``(N, Hkv, T, D)`` new keys and values at the fill level and advances it.
 
-        Returns the whole buffers ``(N, Hkv, M, D)``. The caller checks the room first.
+        Returns the whole buffers ``(N, Hkv, M, D)``. The caller checks the room, device and
+        shapes first; values are stored in the cache's dtype (under autocast the new keys may
+        come in a lower precision).
         """
+        if (
+            not torch.compiler.is_compiling()
+            and self.k.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
+            # Made under inference_mode, used outside it: inference tensors cannot be written
+            # there, so the buffers become ordinary tensors (one copy, once).
+            self.k, self.v, self.position = self.k.clone(), self.v.clone(), self.position.clone()
         slots = self.position + torch.arange(k_new.shape[2], device=self.position.device)
-        self.k.index_copy_(2, slots, k_new)
-        self.v.index_copy_(2, slots, v_new)
+        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
         self.position += k_new.shape[2]
         return self.k, self.v
+
+    def __getstate__(self) -> dict:
+        # A weak reference cannot be pickled; a copy starts without an owner.
+        state = self.__dict__.copy()
+        state["_owner"] = None
+        return state
 
     def reset(self) -> None:
         """Empties the cache (the buffers keep their memory)."""

@@ -17,9 +17,9 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 # reads out_proj.weight directly. Using it keeps quantization behaviour identical to torch's.
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from .functional import attention
+from .functional import attention_core
 from .kv_cache import KVCache
-from .masks import canonical_mask
+from .masks import canonical_mask, effective_window
 from .projection import (
     append_extra_keys,
     merge_heads,
@@ -40,6 +40,8 @@ from .validation import (
     check_positive_int,
     check_rope,
     check_softcap,
+    describe,
+    invalid,
 )
 
 
@@ -104,7 +106,6 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
         self.batch_first = batch_first
@@ -119,7 +120,7 @@ class MultiheadAttention(nn.Module):
         kv_dim = num_kv_heads * self.head_dim  # = embed_dim unless key/value heads are shared
 
         # Registration order is torch's, so state_dict keys come in the same order.
-        if self._qkv_same_embed_dim:
+        if self.kdim == embed_dim and self.vdim == embed_dim:  # one packed weight, as torch
             self.in_proj_weight = nn.Parameter(
                 torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory_kwargs)
             )
@@ -152,10 +153,33 @@ class MultiheadAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
         self._reset_parameters()
 
+    @property
+    def is_torch_compatible(self) -> bool:
+        """Whether this layer computes what ``torch.nn.MultiheadAttention`` computes: no option
+        beyond torch's changes the math (``rope_base`` without ``rope`` changes nothing)."""
+        return (
+            self.num_kv_heads == self.num_heads
+            and not self.rope
+            and self.window is None
+            and not self.qk_norm
+            and self.softcap is None
+        )
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        """torch's attribute: True when q, k and v share one packed ``in_proj_weight``.
+
+        torch's ``nn.TransformerEncoderLayer`` / ``nn.TransformerEncoder`` read it to decide
+        whether their fused inference kernel may run the attention from ``in_proj_weight`` by
+        itself, without calling forward. A layer whose options change the math reports False,
+        so that kernel declines it and our forward runs (see the README).
+        """
+        return self.in_proj_weight is not None and self.is_torch_compatible
+
     def _reset_parameters(self) -> None:
         """Redraws the parameters in torch's order: xavier-uniform weights, zero biases,
         xavier-normal bias_k then bias_v. (out_proj.weight keeps its Linear init.)"""
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:
             xavier_uniform_(self.in_proj_weight)
         else:
             xavier_uniform_(self.q_proj_weight)
@@ -170,9 +194,21 @@ class MultiheadAttention(nn.Module):
             xavier_normal_(self.bias_v)
 
     def __setstate__(self, state: dict) -> None:
-        # Pickles from torch 1.1 predate _qkv_same_embed_dim; they always had a packed weight.
-        state.setdefault("_qkv_same_embed_dim", True)
+        # _qkv_same_embed_dim is derived (a property); pickles that stored it (ours before, and
+        # torch's) or predate it (torch 1.1) load the same way.
+        state.pop("_qkv_same_embed_dim", None)
         super().__setstate__(state)
+        # Options beyond torch's, absent from pickles of torch's layer: their defaults.
+        for name, default in (
+            ("num_kv_heads", self.num_heads),
+            ("rope", False),
+            ("rope_base", 10000.0),
+            ("window", None),
+            ("qk_norm", False),
+            ("softcap", None),
+        ):
+            if not hasattr(self, name):
+                setattr(self, name, default)
 
     def forward(
         self,
@@ -220,6 +256,19 @@ class MultiheadAttention(nn.Module):
             ValueError: a wrong rank, embedding size, sequence or batch size, mask shape, or
                 cache misuse (full, wrong batch, with gradients, with masks).
         """
+        if any(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
+            return self._forward_nested(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+                cache=cache,
+                segment_ids=segment_ids,
+            )
         is_batched = check_inputs(
             query,
             key,
@@ -252,6 +301,7 @@ class MultiheadAttention(nn.Module):
             query_len=query_len,
             key_len=key_len,
             has_masks=key_padding_mask is not None or attn_mask is not None,
+            inputs=(query, key, value),
         )
 
         q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H*, *, D)
@@ -261,9 +311,13 @@ class MultiheadAttention(nn.Module):
         if self.rope:
             q, k = self._rotate(q, k, offset)
         if cache is not None:
+            cache.claim(self)
             k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
+            # Under autocast the cache may hold another precision than this call computes in.
+            k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
+        window = effective_window(self.window, query_len, key_len)  # None: hides nothing
         mask, causal = canonical_mask(
             key_padding_mask=key_padding_mask,
             attn_mask=attn_mask,
@@ -276,10 +330,10 @@ class MultiheadAttention(nn.Module):
             dtype=q.dtype,
             device=q.device,
             query_offset=offset,
-            window=self.window,
-            segment_ids=None if segment_ids is None else segment_ids.view(batch_size, -1),
+            window=window,
+            segment_ids=None if segment_ids is None else segment_ids.reshape(batch_size, query_len),
         )
-        out, weights = attention(
+        out, weights = attention_core(
             q,
             k,
             v,
@@ -293,7 +347,7 @@ class MultiheadAttention(nn.Module):
             # torch's masks, or a window with L != S, can leave a query without keys.
             may_mask_whole_rows=key_padding_mask is not None
             or attn_mask is not None
-            or (self.window is not None and query_len != key_len),
+            or (window is not None and query_len != key_len),
         )  # (N, H, L, D), weights (N, [H,] L, S + X)
         out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
@@ -301,6 +355,84 @@ class MultiheadAttention(nn.Module):
             out = out.squeeze(0)  # (L, E)
             weights = None if weights is None else weights.squeeze(0)
         return out, weights
+
+    def _forward_nested(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+        is_causal: bool,
+        cache: KVCache | None,
+        segment_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Nested-tensor inputs ``(N, *, E)`` (torch's ``TransformerEncoder`` makes them from a
+        padded batch): each sequence runs alone, as an unbatched call, and the outputs (and
+        weights) come back nested in the query's layout. The padding is the nesting itself, so
+        masks, a cache and segment ids are refused."""
+        if not all(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
+            raise ValueError(
+                invalid(
+                    "query",
+                    "query, key and value all nested tensors, or none of them",
+                    ", ".join(
+                        f"{name} {'nested' if isinstance(x, Tensor) and x.is_nested else 'not'}"
+                        for name, x in (("query", query), ("key", key), ("value", value))
+                    ),
+                )
+            )
+        if not self.batch_first:
+            raise ValueError(
+                invalid(
+                    "query",
+                    "batch_first=True for nested tensors, which are (N, *, E)",
+                    "a nested tensor for a layer with batch_first=False",
+                )
+            )
+        for name, given in (
+            ("key_padding_mask", key_padding_mask),
+            ("attn_mask", attn_mask),
+            ("cache", cache),
+            ("segment_ids", segment_ids),
+        ):
+            if given is not None:
+                raise ValueError(
+                    invalid(
+                        name,
+                        "None with nested-tensor inputs (the nesting is the padding)",
+                        describe(given),
+                    )
+                )
+        queries = query.unbind()
+        keys = queries if key is query else key.unbind()
+        values = keys if value is key else value.unbind()
+        if not len(queries) == len(keys) == len(values):
+            raise ValueError(
+                invalid(
+                    "key",
+                    f"{len(queries)} sequences (as query)",
+                    f"{len(keys)} keys and {len(values)} values",
+                )
+            )
+        results = [
+            self(
+                q_i,
+                k_i,
+                v_i,
+                need_weights=need_weights,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+            for q_i, k_i, v_i in zip(queries, keys, values, strict=True)
+        ]
+        out = torch.nested.as_nested_tensor([o for o, _ in results], layout=query.layout)
+        if not need_weights:
+            return out, None
+        return out, torch.nested.as_nested_tensor([w for _, w in results], layout=query.layout)
 
     def merge_masks(
         self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
@@ -355,7 +487,7 @@ class MultiheadAttention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Input projections split into heads: q ``(N, H, L, D)``, k and v ``(N, Hkv, S, D)``."""
         same_heads = self.num_kv_heads == self.num_heads
-        if same_heads and self._qkv_same_embed_dim and query is key and key is value:
+        if same_heads and self.in_proj_weight is not None and query is key and key is value:
             # Self-attention: one GEMM, then one view and one permute for all of q, k and v.
             proj = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (..., 3E)
             if not is_batched:
@@ -373,7 +505,7 @@ class MultiheadAttention(nn.Module):
     def _in_projection(
         self, query: Tensor, key: Tensor, value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if self._qkv_same_embed_dim:
+        if self.in_proj_weight is not None:
             return packed_in_projection(query, key, value, self.in_proj_weight, self.in_proj_bias)
         return separate_in_projection(
             query,

@@ -39,9 +39,20 @@ def attention_logits(
         grouped_out = None if out is None else out.view(n, kv_heads, -1, key_len)
         logits = torch.matmul(_grouped(q, kv_heads), k.transpose(-2, -1), out=grouped_out)
         logits = logits.view(n, h, q_len, key_len)  # (N, H, L, S)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    return logits if softcap is None else soft_capped(logits, softcap)
+
+
+def soft_capped(logits: Tensor, softcap: float) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma 2), for any finite ``softcap`` > 0.
+
+    A cap outside the logits' dtype's normal range would become inf or 0 there, and the
+    formula NaN; such a cap is applied in float64 instead: the result, at most ``|logits|`` in
+    size, fits the dtype.
+    """
+    info = torch.finfo(logits.dtype)
+    if info.tiny <= softcap <= info.max:
+        return torch.tanh(logits / softcap) * softcap
+    return (torch.tanh(logits.double() / softcap) * softcap).to(logits.dtype)
 
 
 def weighted_values(probs: Tensor, v: Tensor) -> Tensor:

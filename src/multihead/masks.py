@@ -22,14 +22,32 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .transforms import functional_autodiff
+
 
 def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Turns a bool (True = masked) or float (additive) mask into an additive mask of ``dtype``."""
+    """Turns a bool (True = masked) or float (additive) mask into an additive mask of ``dtype``.
+
+    A float mask cast to a dtype of smaller range keeps its meaning: a row (the last dim, over
+    keys) holding finite values beyond that range is first shifted so that its largest finite
+    value is 0, which leaves the softmax unchanged; so a row of large finite values (-1e5 in a
+    float16 model, say) stays a row of equal logits instead of overflowing to -inf and becoming
+    an empty row. Values that still overflow after the shift lie so far below the row's maximum
+    that their weight is 0 anyway. Other rows are cast as given.
+    """
     if mask.dtype == torch.bool:
         # A fresh tensor, so masked_fill_ below never touches the caller's mask.
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
             mask, float("-inf")
         )
+    limit = torch.finfo(dtype).max
+    if torch.finfo(mask.dtype).max > limit:
+        finite = torch.isfinite(mask)
+        overflows = ((mask.detach().abs() > limit) & finite).any(dim=-1, keepdim=True)
+        top = mask.detach().masked_fill(~finite, float("-inf")).amax(dim=-1, keepdim=True)
+        # Only rows that would overflow move; a row with no finite value has nothing to shift.
+        shift = top.masked_fill(~(overflows & torch.isfinite(top)), 0.0)
+        mask = mask - shift
     return mask.to(dtype)
 
 
@@ -52,6 +70,8 @@ def is_causal_pattern(mask: Tensor) -> bool:
     """
     if mask.dim() != 2 or mask.numel() == 0 or torch.compiler.is_compiling():
         return False
+    if (mask.requires_grad and torch.is_grad_enabled()) or functional_autodiff(mask):
+        return False  # the flag would drop the mask's gradient; transforms cannot branch on data
     is_bool = mask.dtype == torch.bool
     masked, attend = (True, False) if is_bool else (float("-inf"), 0.0)
     first_row_masked = bool((mask[0, 1:] == masked).all())
@@ -77,6 +97,15 @@ def position_mask(
     if window is not None:
         masked |= (behind if causal else behind.abs()) >= window
     return masked
+
+
+def effective_window(window: int | None, query_len: int, key_len: int) -> int | None:
+    """``window``, or None where it hides nothing: no query is ``max(L, S)`` or more positions
+    from a key (query positions, offset by a KV cache, stay below its max_len = S), so a window
+    that long is no limit. Also keeps any Python int (2**63, 10**30) out of int64 arithmetic."""
+    if window is None or window >= max(query_len, key_len):
+        return None
+    return window
 
 
 def segment_mask(segment_ids: Tensor) -> Tensor:
@@ -119,6 +148,7 @@ def canonical_mask(
         that happens when causal is the only constraint (from ``is_causal``, or an ``attn_mask``
         that is exactly the causal pattern), so a kernel can skip whole blocks.
     """
+    window = effective_window(window, query_len, key_len)
     no_offset = isinstance(query_offset, int) and query_offset == 0
     plain = no_offset and window is None and segment_ids is None
     if plain and key_padding_mask is None and extra_keys == 0:

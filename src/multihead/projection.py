@@ -71,7 +71,8 @@ def separate_in_projection(
 
 def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     """``(N, L, E)`` (batch_first) or ``(L, N, E)`` -> ``(N, H, L, D)``, as a view."""
-    x = x.view(x.shape[0], x.shape[1], num_heads, -1)  # (N, L, H, D) or (L, N, H, D)
+    # D is given, not inferred (-1): a view cannot infer it when N or L is 0.
+    x = x.view(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads)  # (N, L, H, D) ...
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
 
 
@@ -80,9 +81,8 @@ def split_packed_heads(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A packed projection ``(N, L, 3E)`` (batch_first) or ``(L, N, 3E)``, whose features are
     q, then k, then v, -> q, k, v ``(N, H, L, D)`` each, as views."""
-    proj = proj.view(
-        proj.shape[0], proj.shape[1], 3, num_heads, -1
-    )  # (N, L, 3, H, D) or (L, N, ...)
+    head_dim = proj.shape[2] // (3 * num_heads)
+    proj = proj.view(proj.shape[0], proj.shape[1], 3, num_heads, head_dim)  # (N, L, 3, H, D) ...
     order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
     q, k, v = proj.permute(order).unbind(0)  # 3 x (N, H, L, D)
     return q, k, v

@@ -116,6 +116,8 @@ def swap(model: nn.Module) -> int:
     outputs, checkpoints (``state_dict`` keys and values) and optimizers are unchanged. A layer
     reachable under several names stays one shared layer. Subclasses of torch's layer (such as
     ``torch.ao.nn.quantizable.MultiheadAttention``, which has other parameters) are left alone.
+    All or nothing: every layer is converted before any is replaced, so when one cannot be
+    converted ``model`` is left exactly as it was.
 
     Args:
         model: any module; it is changed in place.
@@ -124,9 +126,14 @@ def swap(model: nn.Module) -> int:
         How many distinct layers were replaced (0 when there were none).
 
     Raises:
-        TypeError: ``model`` is itself a ``torch.nn.MultiheadAttention`` (it cannot be replaced
-            in place; use :func:`from_torch`).
+        TypeError: ``model`` is not a ``torch.nn.Module``, or is itself a
+            ``torch.nn.MultiheadAttention`` (it cannot be replaced in place; use
+            :func:`from_torch`).
+        ValueError: a layer has a setting our constructor refuses (torch's accepts
+            ``dropout=1.5``, ours asks for [0, 1]); nothing was replaced.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(invalid("model", "a torch.nn.Module", f"a {_qualified(model)}"))
     if type(model) is nn.MultiheadAttention:
         raise TypeError(
             invalid(
@@ -136,18 +143,18 @@ def swap(model: nn.Module) -> int:
                 "a torch.nn.MultiheadAttention",
             )
         )
-    # Every path, shared layers included, so that no name keeps pointing at torch's layer.
-    paths = [
-        path
-        for path, module in model.named_modules(remove_duplicate=False)
-        if type(module) is nn.MultiheadAttention
-    ]
+    # Every (parent, name) slot, shared layers and shared parents included, so that no name
+    # keeps pointing at torch's layer.
+    slots = []
+    for path, module in model.named_modules(remove_duplicate=False):
+        if type(module) is nn.MultiheadAttention:
+            parent_path, _, name = path.rpartition(".")
+            slots.append((model.get_submodule(parent_path), name, module))
+    # Convert first (from_torch leaves its input untouched), replace only once all succeeded.
     replacements: dict[int, MultiheadAttention] = {}
-    for path in paths:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        old = getattr(parent, name)
+    for _, _, old in slots:
         if id(old) not in replacements:
             replacements[id(old)] = from_torch(old)
+    for parent, name, old in slots:
         setattr(parent, name, replacements[id(old)])
     return len(replacements)

@@ -5,12 +5,14 @@ Shape legend: N batch, L query length, S key length, E embed dim, H heads.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 from torch import Tensor
 
 from .kv_cache import KVCache
+from .transforms import functional_autodiff
 
 
 def invalid(name: str, expected: str, received: object) -> str:
@@ -45,15 +47,16 @@ def check_heads(embed_dim: int, num_heads: int) -> None:
 
 
 def check_dropout(value: object) -> float:
-    """Returns ``value`` as a float when it is a real number in [0, 1)."""
+    """Returns ``value`` as a float when it is a real number in [0, 1] (``F.dropout``'s range:
+    1.0 drops every weight)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(invalid("dropout", "a float in [0, 1)", f"dropout={value!r}"))
-    if not 0.0 <= value < 1.0:
-        raise ValueError(invalid("dropout", "a float in [0, 1)", f"dropout={value!r}"))
+        raise TypeError(invalid("dropout", "a float in [0, 1]", f"dropout={value!r}"))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(invalid("dropout", "a float in [0, 1]", f"dropout={value!r}"))
     return float(value)
 
 
-def _describe(x: object) -> str:
+def describe(x: object) -> str:
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     return f"an object of type {type(x).__name__}"
@@ -61,7 +64,7 @@ def _describe(x: object) -> str:
 
 def _require_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TypeError(invalid(name, "a torch.Tensor", _describe(x)))
+        raise TypeError(invalid(name, "a torch.Tensor", describe(x)))
     return x
 
 
@@ -170,7 +173,7 @@ def check_masks(
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
             raise TypeError(
-                invalid("key_padding_mask", "a torch.Tensor or None", _describe(key_padding_mask))
+                invalid("key_padding_mask", "a torch.Tensor or None", describe(key_padding_mask))
             )
         _check_mask_dtype("key_padding_mask", key_padding_mask)
         _check_per_token_shape(
@@ -178,7 +181,7 @@ def check_masks(
         )
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(invalid("attn_mask", "a torch.Tensor or None", _describe(attn_mask)))
+            raise TypeError(invalid("attn_mask", "a torch.Tensor or None", describe(attn_mask)))
         _check_mask_dtype("attn_mask", attn_mask)
         shape_2d = (query_len, key_len)
         shape_3d = (batch_size * num_heads, query_len, key_len)
@@ -211,11 +214,17 @@ def check_kv_heads(num_kv_heads: object, num_heads: int) -> int:
 
 
 def check_rope(rope: bool, rope_base: object, head_dim: int) -> float:
-    """Returns ``rope_base`` as a float (> 0); rotary embeddings need an even head_dim."""
+    """Returns ``rope_base`` as a float; rotary embeddings need an even head_dim.
+
+    The base must be finite and at least 1, so that every frequency base**(-2i/D) lies in
+    (0, 1]: a smaller base makes frequencies that overflow float32 (1e-300 gives inf angles,
+    hence NaN), and no model uses one.
+    """
+    expected = "a finite number >= 1"
     if isinstance(rope_base, bool) or not isinstance(rope_base, numbers.Real):
-        raise TypeError(invalid("rope_base", "a positive number", f"rope_base={rope_base!r}"))
-    if not rope_base > 0:
-        raise ValueError(invalid("rope_base", "a positive number", f"rope_base={rope_base!r}"))
+        raise TypeError(invalid("rope_base", expected, f"rope_base={rope_base!r}"))
+    if not (rope_base >= 1 and math.isfinite(rope_base)):
+        raise ValueError(invalid("rope_base", expected, f"rope_base={rope_base!r}"))
     if rope and head_dim % 2:
         raise ValueError(
             invalid(
@@ -228,14 +237,84 @@ def check_rope(rope: bool, rope_base: object, head_dim: int) -> float:
 
 
 def check_softcap(softcap: object) -> float | None:
-    """Returns ``softcap`` as a float > 0, or None."""
+    """Returns ``softcap`` as a finite float > 0, or None (no cap; an infinite cap is None)."""
     if softcap is None:
         return None
+    expected = "a finite positive number, or None for no cap"
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(invalid("softcap", "a positive number or None", f"softcap={softcap!r}"))
-    if not softcap > 0:
-        raise ValueError(invalid("softcap", "a positive number or None", f"softcap={softcap!r}"))
+        raise TypeError(invalid("softcap", expected, f"softcap={softcap!r}"))
+    if not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(invalid("softcap", expected, f"softcap={softcap!r}"))
     return float(softcap)
+
+
+def check_attention_arguments(
+    q: object,
+    k: object,
+    v: object,
+    mask: object,
+    *,
+    dropout_p: object = 0.0,
+    softcap: object = None,
+) -> None:
+    """Checks :func:`multihead.attention`'s arguments: q ``(N, H, L, D)``, k ``(N, Hkv, S, D)``,
+    v ``(N, Hkv, S, Dv)`` (None when only weights are asked for), Hkv dividing H, one floating
+    dtype and device, and an additive float mask broadcastable to ``(N, H, L, S)``."""
+    named = [("q", q), ("k", k)] + ([] if v is None else [("v", v)])
+    for name, x in named:
+        _require_tensor(name, x)
+        if not x.is_floating_point():
+            raise TypeError(invalid(name, "a floating-point tensor", f"dtype {x.dtype}"))
+        if x.dim() != 4:
+            raise ValueError(
+                invalid(name, "a 4-D tensor (N, heads, length, head_dim)", describe(x))
+            )
+        if x.dtype != q.dtype or x.device != q.device:
+            raise TypeError(
+                invalid(name, f"dtype {q.dtype} on {q.device} (as q)", f"{x.dtype} on {x.device}")
+            )
+    n, heads, q_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    if k.shape[0] != n or k.shape[3] != head_dim:
+        raise ValueError(
+            invalid("k", f"shape ({n}, Hkv, S, {head_dim}) (N and D as q)", tuple(k.shape))
+        )
+    if (kv_heads == 0 and heads != 0) or (kv_heads and heads % kv_heads):
+        raise ValueError(
+            invalid("k", f"a number of heads (dim 1) dividing q's {heads}", f"{kv_heads} heads")
+        )
+    if v is not None and v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            invalid("v", f"shape ({n}, {kv_heads}, {key_len}, Dv) (N, Hkv, S as k)", tuple(v.shape))
+        )
+    if mask is not None:
+        _require_tensor("mask", mask)
+        if mask.dtype == torch.bool:
+            raise TypeError(
+                invalid(
+                    "mask",
+                    "an additive float mask (0 = attend, -inf = masked); a bool mask is "
+                    "ambiguous (True means attend in SDPA, masked in MultiheadAttention): "
+                    "convert it with multihead.masks.to_additive(mask, dtype) (True = masked)",
+                    "a bool tensor",
+                )
+            )
+        if not mask.is_floating_point():
+            raise TypeError(invalid("mask", "a floating-point additive mask", mask.dtype))
+        scores = (n, heads, q_len, key_len)
+        try:
+            fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, scores) == scores
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                invalid("mask", f"a shape broadcastable to {scores} (N, H, L, S)", mask.shape)
+            )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(invalid("dropout_p", "a float in [0, 1]", f"dropout_p={dropout_p!r}"))
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(invalid("dropout_p", "a float in [0, 1]", f"dropout_p={dropout_p!r}"))
+    check_softcap(softcap)
 
 
 def check_extras(
@@ -248,12 +327,48 @@ def check_extras(
     query_len: int,
     key_len: int,
     has_masks: bool,
+    inputs: tuple[Tensor, Tensor, Tensor],
 ) -> None:
-    """Checks forward's ``cache`` and ``segment_ids`` against the layer and the inputs."""
+    """Checks forward's ``cache`` and ``segment_ids`` against the layer and the inputs, before
+    anything is written: a refused call leaves the cache as it was."""
     if cache is not None:
         if not isinstance(cache, KVCache):
             raise TypeError(
-                invalid("cache", "a KVCache from layer.new_cache(...) or None", _describe(cache))
+                invalid("cache", "a KVCache from layer.new_cache(...) or None", describe(cache))
+            )
+        if not cache.owned_by(layer):
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "a cache made by this layer (layer.new_cache): each layer keeps its own "
+                    "keys and values",
+                    "a cache that belongs to another layer",
+                )
+            )
+        query = inputs[0]
+        if cache.k.device != query.device:
+            raise ValueError(
+                invalid(
+                    "cache", f"a cache on {query.device} (as query)", f"one on {cache.k.device}"
+                )
+            )
+        layer_dtype = layer.out_proj.weight.dtype
+        if cache.k.dtype != layer_dtype and not torch.is_autocast_enabled(query.device.type):
+            raise ValueError(
+                invalid(
+                    "cache",
+                    f"dtype {layer_dtype} (the layer's; only under autocast may the cache keep "
+                    "another precision); make a new cache with layer.new_cache(...)",
+                    f"a cache of dtype {cache.k.dtype}",
+                )
+            )
+        if functional_autodiff(*inputs):
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "no cache under torch.func transforms or forward-mode AD",
+                    "a call traced by them",
+                )
             )
         expected = (layer.num_kv_heads, layer.head_dim)
         if (cache.k.shape[1], cache.k.shape[3]) != expected:
@@ -268,7 +383,8 @@ def check_extras(
             raise ValueError(
                 invalid("cache", f"batch size {batch_size} (as query)", cache.batch_size)
             )
-        if torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters()):
+        tracked = [*layer.parameters(), *inputs]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
             raise ValueError(
                 invalid(
                     "cache",
@@ -308,7 +424,7 @@ def check_extras(
     if segment_ids is not None:
         if not isinstance(segment_ids, Tensor):
             raise TypeError(
-                invalid("segment_ids", "an integer torch.Tensor or None", _describe(segment_ids))
+                invalid("segment_ids", "an integer torch.Tensor or None", describe(segment_ids))
             )
         if (
             segment_ids.is_floating_point()
