@@ -320,16 +320,15 @@ def test_swap_replaces_a_layer_in_a_shared_container():
 @settings(max_examples=10)
 @given(data=st.data())
 def test_swap_is_all_or_nothing(data):
-    """torch's constructor takes dropout=1.5, ours asks for [0, 1]: a later layer that cannot be
-    converted leaves every module, the ones converted before it included, where it was."""
+    """torch's layer takes dropout=1.5 (its constructor does not check; forward would fail),
+    ours asks for [0, 1]: a later layer that cannot be converted leaves every module, the ones
+    converted before it included, where it was."""
     depth = data.draw(st.integers(2, 4), label="depth")
     refused = data.draw(st.integers(1, depth - 1), label="refused layer")
     model = nn.Sequential(
-        *(
-            nn.TransformerDecoderLayer(E, H, FF, dropout=1.5 if i == refused else 0.0)
-            for i in range(depth)
-        )
+        *(nn.TransformerDecoderLayer(E, H, FF, dropout=0.0) for _ in range(depth))
     )
+    model[refused].multihead_attn = nn.MultiheadAttention(E, H, dropout=1.5)
     modules = dict(model.named_modules(remove_duplicate=False))
     state = model.state_dict(keep_vars=True)
     with pytest.raises(
@@ -386,3 +385,17 @@ def test_conversions_reject_the_wrong_class():
         r"Received: a torch.nn.modules.activation.MultiheadAttention.",
     ):
         multihead.to_torch(nn.MultiheadAttention(E, H))
+
+
+@settings(max_examples=20)
+@given(rope_base=st.floats(1.0, 1e6), window=st.integers(1, 10**6))
+def test_to_torch_accepts_a_layer_that_computes_what_torchs_computes(rope_base, window):
+    """rope_base changes nothing while rope is off: such a layer converts, and torch's layer
+    then gives the same numbers."""
+    layer = multihead.MultiheadAttention(E, H, rope_base=rope_base, dtype=torch.float64)
+    assert layer.is_torch_compatible and layer.options_beyond_torch() == {}
+    back = multihead.to_torch(layer)
+    x = torch.randn(3, 2, E, dtype=torch.float64)
+    torch.testing.assert_close(back(x, x, x)[0], layer(x, x, x)[0], **TOL)
+    windowed = multihead.MultiheadAttention(E, H, window=window)
+    assert windowed.options_beyond_torch() == {"window": window}

@@ -153,17 +153,24 @@ class MultiheadAttention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
         self._reset_parameters()
 
+    def options_beyond_torch(self) -> dict[str, object]:
+        """The options set here that change the math away from ``torch.nn.MultiheadAttention``
+        (name -> value); empty for a layer that computes exactly what torch's computes.
+        ``rope_base`` without ``rope`` changes nothing, so it is not listed."""
+        changed = {
+            "num_kv_heads": self.num_kv_heads if self.num_kv_heads != self.num_heads else None,
+            "rope": self.rope or None,
+            "window": self.window,
+            "qk_norm": self.qk_norm or None,
+            "softcap": self.softcap,
+        }
+        return {name: value for name, value in changed.items() if value is not None}
+
     @property
     def is_torch_compatible(self) -> bool:
-        """Whether this layer computes what ``torch.nn.MultiheadAttention`` computes: no option
-        beyond torch's changes the math (``rope_base`` without ``rope`` changes nothing)."""
-        return (
-            self.num_kv_heads == self.num_heads
-            and not self.rope
-            and self.window is None
-            and not self.qk_norm
-            and self.softcap is None
-        )
+        """Whether this layer computes what ``torch.nn.MultiheadAttention`` computes (see
+        :meth:`options_beyond_torch`)."""
+        return not self.options_beyond_torch()
 
     @property
     def _qkv_same_embed_dim(self) -> bool:
@@ -418,8 +425,8 @@ class MultiheadAttention(nn.Module):
                     f"{len(keys)} keys and {len(values)} values",
                 )
             )
-        results = [
-            self(
+        results = [  # forward itself, not __call__: the caller's hooks fire once, not per row
+            self.forward(
                 q_i,
                 k_i,
                 v_i,

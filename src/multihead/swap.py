@@ -14,15 +14,10 @@ layer's parameters, so there the numbers are torch's, not our code's. Turn it of
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 
 from .layer import MultiheadAttention
 from .validation import invalid
-
-# torch's constructor arguments; anything our constructor takes beyond these is ours alone.
-_TORCH_ARGUMENTS = frozenset(inspect.signature(nn.MultiheadAttention.__init__).parameters)
 
 
 def _qualified(obj: object) -> str:
@@ -83,29 +78,26 @@ def to_torch(layer: MultiheadAttention) -> nn.MultiheadAttention:
 
     Raises:
         TypeError: ``layer`` is not a :class:`multihead.MultiheadAttention`.
-        ValueError: ``layer`` uses an option torch's layer does not have (a keyword-only
-            argument of our constructor set away from its default).
+        ValueError: ``layer`` uses an option torch's layer does not have and that changes the
+            math (see :meth:`multihead.MultiheadAttention.options_beyond_torch`);
+            ``rope_base`` without ``rope`` is accepted.
     """
     if not isinstance(layer, MultiheadAttention):
         raise TypeError(
             invalid("layer", "a multihead.MultiheadAttention", f"a {_qualified(layer)}")
         )
-    options = _options(layer)
-    # Our options beyond torch's are stored under their own names; compared with a layer built
-    # with their defaults, so that values the constructor normalises compare equal.
-    plain = MultiheadAttention(**options, device="meta")
-    for name in inspect.signature(MultiheadAttention.__init__).parameters:
-        if name in _TORCH_ARGUMENTS or not hasattr(plain, name):
-            continue
-        value, default = getattr(layer, name), getattr(plain, name)
-        if value != default:
-            raise ValueError(
-                invalid(
-                    "layer",
-                    f"only options torch.nn.MultiheadAttention has ({name}={default!r})",
-                    f"{name}={value!r}",
-                )
+    beyond = layer.options_beyond_torch()
+    if beyond:
+        name, value = next(iter(beyond.items()))
+        raise ValueError(
+            invalid(
+                "layer",
+                "a layer that computes what torch.nn.MultiheadAttention computes (no option "
+                "beyond torch's that changes the math)",
+                f"{name}={value!r}",
             )
+        )
+    options = _options(layer)
     return _move_parameters(layer, nn.MultiheadAttention(**options, device="meta"))
 
 

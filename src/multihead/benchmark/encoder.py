@@ -1,0 +1,113 @@
+"""torch's fused encoder kernel on our plain layer, against our layer declining it.
+
+Shape legend: N batch, L sequence length, E embed dim, H heads.
+
+``nn.TransformerEncoder`` in inference (eval, no_grad, batch_first) runs each layer through
+torch's fused ``_transformer_encoder_layer_fwd`` kernel when its attention reports
+``_qkv_same_embed_dim`` (our torch-compatible layers do, so the kernel reads their parameters),
+and turns a padded batch into a nested tensor. "declined" makes our plain layer report False,
+as layers with options beyond torch's do: every attention then runs our forward (nested
+batches sequence by sequence), and torch runs the rest of the layer unfused. Both run in one
+process, interleaved round by round; the ratio is declined / fused (above 1: declining is
+slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+
+import torch
+from torch import nn
+
+from .. import swap
+from ..layer import MultiheadAttention
+from .timing import interleaved, median_ratio
+
+# (N, L, E, H, layers, padded): a BERT-base-like batch and one long sequence, with and without
+# a key padding mask (which makes torch's encoder use nested tensors).
+CASES = [
+    (16, 128, 512, 8, 2, False),
+    (16, 128, 512, 8, 2, True),
+    (2, 1024, 512, 8, 2, False),
+    (2, 1024, 512, 8, 2, True),
+]
+
+
+@contextlib.contextmanager
+def _declined():
+    """Our plain layers report ``_qkv_same_embed_dim`` False, as declining layers do."""
+    original = MultiheadAttention._qkv_same_embed_dim
+    MultiheadAttention._qkv_same_embed_dim = property(lambda self: False)
+    try:
+        yield
+    finally:
+        MultiheadAttention._qkv_same_embed_dim = original
+
+
+def run(budget_s: float = 6.0) -> list[dict]:
+    """Times every case both ways; returns one row per case (milliseconds and the ratio)."""
+    rows = []
+    for n, length, embed, heads, layers, padded in CASES:
+        torch.manual_seed(0)
+        encoder = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(embed, heads, 4 * embed, dropout=0.0, batch_first=True),
+            num_layers=layers,
+        ).eval()
+        swap(encoder)
+        x = torch.randn(n, length, embed)
+        mask = None
+        if padded:  # lengths spread from L down to L / 4
+            lengths = torch.linspace(length, length // 4, n).long()
+            mask = torch.arange(length)[None, :] >= lengths[:, None]
+
+        def fused(encoder=encoder, x=x, mask=mask):
+            with torch.no_grad():
+                return encoder(x, src_key_padding_mask=mask)
+
+        def declined(encoder=encoder, x=x, mask=mask):
+            with torch.no_grad(), _declined():
+                return encoder(x, src_key_padding_mask=mask)
+
+        samples = interleaved({"fused": fused, "declined": declined}, budget_s=budget_s)
+        rows.append(
+            dict(
+                N=n,
+                L=length,
+                E=embed,
+                H=heads,
+                layers=layers,
+                padded=padded,
+                fused_ms=statistics.median(samples["fused"]) * 1e3,
+                declined_ms=statistics.median(samples["declined"]) * 1e3,
+                declined_over_fused=median_ratio(samples["declined"], samples["fused"]),
+                max_abs_difference=float((fused() - declined()).abs().max()),
+            )
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| N | L | E | H | layers | padding mask | fused ms | declined ms | declined / fused "
+        "| max abs diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['N']} | {r['L']} | {r['E']} | {r['H']} | {r['layers']} | "
+            f"{'yes' if r['padded'] else 'no'} | {r['fused_ms']:.1f} | {r['declined_ms']:.1f} | "
+            f"{r['declined_over_fused']:.2f} | {r['max_abs_difference']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, eval + no_grad")
+    print(markdown(run()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
