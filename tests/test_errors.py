@@ -158,3 +158,33 @@ def test_batch_first_batch_dimension_is_checked():
     layer = multihead.MultiheadAttention(E, H, batch_first=True)
     with pytest.raises(ValueError, match=r"`key`.*batch size 2 \(as query\) in dim 0"):
         layer(x(N, L, E), x(N + 1, S, E), x(N + 1, S, E))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(), "in_proj_weight"),
+        (dict(), "in_proj_bias"),
+        (dict(), "out_proj.bias"),
+        (dict(kdim=5), "q_proj_weight"),
+        (dict(vdim=3), "v_proj_weight"),
+        (dict(add_bias_kv=True), "bias_k"),
+        (dict(qk_norm=True), "k_norm.weight"),
+    ],
+)
+@pytest.mark.parametrize("to", [torch.float16, torch.float32])
+def test_a_parameter_of_another_dtype_is_named(kwargs, name, to):
+    """torch's layer fails inside a matmul ("self and mat2 must have the same dtype"); ours
+    names the parameter, before any work, in a float64 layer given one lower-precision
+    parameter (torch's own test suite builds such a layer)."""
+    layer = multihead.MultiheadAttention(8, 2, dtype=torch.float64, **kwargs)
+    module, _, attr = name.rpartition(".")
+    owner = layer.get_submodule(module)
+    setattr(owner, attr, torch.nn.Parameter(getattr(owner, attr).detach().to(to)))
+    q = torch.randn(3, 2, 8, dtype=torch.float64)
+    k = torch.randn(3, 2, layer.kdim, dtype=torch.float64)
+    v = torch.randn(3, 2, layer.vdim, dtype=torch.float64)
+    with pytest.raises(
+        TypeError, match=rf"Invalid argument `{name}`: expected dtype torch.float64"
+    ):
+        layer(q, k, v)

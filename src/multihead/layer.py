@@ -37,6 +37,7 @@ from .validation import (
     check_kv_heads,
     check_masks,
     check_optional_dim,
+    check_parameter_dtypes,
     check_positive_int,
     check_rope,
     check_softcap,
@@ -286,6 +287,7 @@ class MultiheadAttention(nn.Module):
             dtype=self.out_proj.weight.dtype,
             batch_first=self.batch_first,
         )
+        check_parameter_dtypes(self, self.out_proj.weight.dtype)
         seq_dim = 1 if (self.batch_first and is_batched) else 0
         batch_size = query.shape[1 - seq_dim] if is_batched else 1
         query_len, key_len = query.shape[seq_dim], key.shape[seq_dim]

@@ -141,6 +141,36 @@ def check_inputs(
     return is_batched
 
 
+def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every parameter forward uses must have the layer's dtype (``out_proj.weight``'s), as the
+    inputs must; under autocast torch's ops cast for themselves. torch's layer fails deep in a
+    matmul there ("self and mat2 must have the same dtype"); this names the parameter."""
+    if torch.is_autocast_enabled(layer.out_proj.weight.device.type):
+        return
+    named = [
+        ("in_proj_weight", layer.in_proj_weight),
+        ("q_proj_weight", layer.q_proj_weight),
+        ("k_proj_weight", layer.k_proj_weight),
+        ("v_proj_weight", layer.v_proj_weight),
+        ("in_proj_bias", layer.in_proj_bias),
+        ("out_proj.bias", layer.out_proj.bias),
+        ("bias_k", layer.bias_k),
+        ("bias_v", layer.bias_v),
+    ]
+    if layer.qk_norm:
+        named += [("q_norm.weight", layer.q_norm.weight), ("k_norm.weight", layer.k_norm.weight)]
+    for name, param in named:
+        if param is not None and param.dtype != dtype:
+            raise TypeError(
+                invalid(
+                    name,
+                    f"dtype {dtype}, as out_proj.weight and the inputs (convert the whole "
+                    "layer with .to(dtype))",
+                    f"dtype {param.dtype}",
+                )
+            )
+
+
 def _check_per_token_shape(
     name: str, x: Tensor, is_batched: bool, batch_size: int, length: int, letter: str
 ) -> None:
