@@ -211,4 +211,8 @@ def blockwise_attention_with_weights(
             weights[:, start:stop] = probs.mean(dim=1)  # (N, B, S)
         else:
             weights[..., start:stop, :] = probs
-    return out.transpose(1, 2), weights
+    out = out.transpose(1, 2)  # (N, H, L, D)
+    if empty is not None:
+        # Selected, not multiplied: the masked values of an empty row may be NaN or inf.
+        out.masked_fill_(empty, 0.0)
+    return out, weights
