@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -164,19 +166,15 @@ def test_batch_first_batch_dimension_is_checked():
     ("kwargs", "name"),
     [
         (dict(), "in_proj_weight"),
-        (dict(), "in_proj_bias"),
-        (dict(), "out_proj.bias"),
         (dict(kdim=5), "q_proj_weight"),
         (dict(vdim=3), "v_proj_weight"),
-        (dict(add_bias_kv=True), "bias_k"),
         (dict(qk_norm=True), "k_norm.weight"),
     ],
 )
 @pytest.mark.parametrize("to", [torch.float16, torch.float32])
-def test_a_parameter_of_another_dtype_is_named(kwargs, name, to):
+def test_a_weight_of_another_dtype_is_named(kwargs, name, to):
     """torch's layer fails inside a matmul ("self and mat2 must have the same dtype"); ours
-    names the parameter, before any work, in a float64 layer given one lower-precision
-    parameter (torch's own test suite builds such a layer)."""
+    names the weight, before any work."""
     layer = multihead.MultiheadAttention(8, 2, dtype=torch.float64, **kwargs)
     module, _, attr = name.rpartition(".")
     owner = layer.get_submodule(module)
@@ -188,3 +186,38 @@ def test_a_parameter_of_another_dtype_is_named(kwargs, name, to):
         TypeError, match=rf"Invalid argument `{name}`: expected dtype torch.float64"
     ):
         layer(q, k, v)
+
+
+@pytest.mark.parametrize("name", ["in_proj_bias", "out_proj.bias", "bias_k", "bias_v"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("to", [torch.float16, torch.float32])
+def test_a_bias_of_another_dtype_is_added_as_torch_adds_it(name, batch_first, to):
+    """torch's own test suite runs a float64 layer with a half in_proj_bias: torch's layer adds
+    it in the output's dtype (float64). Ours does so in every layout (torch's only where its
+    F.linear takes the matmul-then-add route), with the same numbers as the bias cast up."""
+    torch.manual_seed(0)
+    layer = multihead.MultiheadAttention(
+        8, 2, batch_first=batch_first, add_bias_kv=True, dtype=torch.float64
+    )
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    module, _, attr = name.rpartition(".")
+    owner = layer.get_submodule(module)
+    low = getattr(owner, attr).detach().to(to)
+    cast_up = copy.deepcopy(layer)
+    setattr(cast_up.get_submodule(module), attr, torch.nn.Parameter(low.double()))
+    setattr(owner, attr, torch.nn.Parameter(low))
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    out, weights = layer(x, x, x)
+    expected, expected_weights = cast_up(x, x, x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-12, rtol=1e-12)
+    if name == "in_proj_bias" and batch_first:  # the case torch's layer runs
+        theirs = torch.nn.MultiheadAttention(
+            8, 2, batch_first=True, add_bias_kv=True, dtype=torch.float64
+        )
+        theirs.load_state_dict(cast_up.state_dict())
+        theirs.in_proj_bias = torch.nn.Parameter(low)
+        torch.testing.assert_close(out, theirs(x, x, x)[0], atol=1e-12, rtol=1e-12)

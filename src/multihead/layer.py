@@ -325,7 +325,9 @@ class MultiheadAttention(nn.Module):
             # Under autocast the cache may hold another precision than this call computes in.
             k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
-        k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
+        k, v = append_extra_keys(
+            k, v, self._bias(self.bias_k), self._bias(self.bias_v), self.add_zero_attn
+        )
         window = effective_window(self.window, query_len, key_len)  # None: hides nothing
         mask, causal = canonical_mask(
             key_padding_mask=key_padding_mask,
@@ -359,7 +361,7 @@ class MultiheadAttention(nn.Module):
             or (window is not None and query_len != key_len),
         )  # (N, H, L, D), weights (N, [H,] L, S + X)
         out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = F.linear(out, self.out_proj.weight, self._bias(self.out_proj.bias))
         if not is_batched:
             out = out.squeeze(0)  # (L, E)
             weights = None if weights is None else weights.squeeze(0)
@@ -382,7 +384,8 @@ class MultiheadAttention(nn.Module):
         """Nested-tensor inputs ``(N, *, E)`` (torch's ``TransformerEncoder`` makes them from a
         padded batch): each sequence runs alone, as an unbatched call, and the outputs (and
         weights) come back nested in the query's layout. The padding is the nesting itself, so
-        masks, a cache and segment ids are refused."""
+        masks, a cache and segment ids are refused. Weights come back as a strided nested
+        tensor (ragged in both L and S, which the jagged layout cannot hold)."""
         if not all(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
             raise ValueError(
                 invalid(
@@ -441,7 +444,8 @@ class MultiheadAttention(nn.Module):
         out = torch.nested.as_nested_tensor([o for o, _ in results], layout=query.layout)
         if not need_weights:
             return out, None
-        return out, torch.nested.as_nested_tensor([w for _, w in results], layout=query.layout)
+        # Weights are ragged in both L and S: only the strided layout holds them.
+        return out, torch.nested.as_nested_tensor([w for _, w in results], layout=torch.strided)
 
     def merge_masks(
         self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
@@ -483,6 +487,14 @@ class MultiheadAttention(nn.Module):
             device=weight.device if device is None else device,
         )
 
+    def _bias(self, bias: Tensor | None) -> Tensor | None:
+        """A bias in the layer's dtype. torch's layer adds a bias of another floating dtype
+        (a half ``in_proj_bias`` in a float64 layer, as torch's own tests build) in the
+        output's dtype, so we cast it to that dtype; weights of another dtype are refused
+        (:func:`multihead.validation.check_parameter_dtypes`), as torch's matmuls refuse them."""
+        dtype = self.out_proj.weight.dtype
+        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
     def _rotate(self, q: Tensor, k: Tensor, offset: int | Tensor) -> tuple[Tensor, Tensor]:
         """RoPE on q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``, positions from ``offset``."""
         length = max(q.shape[2], k.shape[2])
@@ -498,7 +510,7 @@ class MultiheadAttention(nn.Module):
         same_heads = self.num_kv_heads == self.num_heads
         if same_heads and self.in_proj_weight is not None and query is key and key is value:
             # Self-attention: one GEMM, then one view and one permute for all of q, k and v.
-            proj = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (..., 3E)
+            proj = F.linear(query, self.in_proj_weight, self._bias(self.in_proj_bias))  # (.., 3E)
             if not is_batched:
                 proj = proj.unsqueeze(0)  # (1, L, 3E)
             return split_packed_heads(proj, self.num_heads, batch_first)
@@ -515,7 +527,9 @@ class MultiheadAttention(nn.Module):
         self, query: Tensor, key: Tensor, value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         if self.in_proj_weight is not None:
-            return packed_in_projection(query, key, value, self.in_proj_weight, self.in_proj_bias)
+            return packed_in_projection(
+                query, key, value, self.in_proj_weight, self._bias(self.in_proj_bias)
+            )
         return separate_in_projection(
             query,
             key,
@@ -523,5 +537,5 @@ class MultiheadAttention(nn.Module):
             self.q_proj_weight,
             self.k_proj_weight,
             self.v_proj_weight,
-            self.in_proj_bias,
+            self._bias(self.in_proj_bias),
         )

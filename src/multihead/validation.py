@@ -57,6 +57,8 @@ def check_dropout(value: object) -> float:
 
 
 def describe(x: object) -> str:
+    if isinstance(x, Tensor) and x.is_nested:
+        return f"a nested tensor of {x.size(0)} sequences and dtype {x.dtype}"
     if isinstance(x, Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     return f"an object of type {type(x).__name__}"
@@ -142,9 +144,10 @@ def check_inputs(
 
 
 def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Every parameter forward uses must have the layer's dtype (``out_proj.weight``'s), as the
+    """Every weight forward uses must have the layer's dtype (``out_proj.weight``'s), as the
     inputs must; under autocast torch's ops cast for themselves. torch's layer fails deep in a
-    matmul there ("self and mat2 must have the same dtype"); this names the parameter."""
+    matmul there ("self and mat2 must have the same dtype"); this names the parameter. Biases
+    of another floating dtype are cast by the layer, as torch's layer adds them."""
     if torch.is_autocast_enabled(layer.out_proj.weight.device.type):
         return
     named = [
@@ -152,13 +155,18 @@ def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype) -> None:
         ("q_proj_weight", layer.q_proj_weight),
         ("k_proj_weight", layer.k_proj_weight),
         ("v_proj_weight", layer.v_proj_weight),
+    ]
+    if layer.qk_norm:
+        named += [("q_norm.weight", layer.q_norm.weight), ("k_norm.weight", layer.k_norm.weight)]
+    biases = [
         ("in_proj_bias", layer.in_proj_bias),
         ("out_proj.bias", layer.out_proj.bias),
         ("bias_k", layer.bias_k),
         ("bias_v", layer.bias_v),
     ]
-    if layer.qk_norm:
-        named += [("q_norm.weight", layer.q_norm.weight), ("k_norm.weight", layer.k_norm.weight)]
+    for name, param in biases:
+        if param is not None and not param.is_floating_point():
+            raise TypeError(invalid(name, "a floating-point bias", f"dtype {param.dtype}"))
     for name, param in named:
         if param is not None and param.dtype != dtype:
             raise TypeError(
