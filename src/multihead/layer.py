@@ -478,7 +478,7 @@ class MultiheadAttention(nn.Module):
         ``max_len`` tokens: keys and values ``(N, Hkv, max_len, D)``, in the layer's dtype and
         device unless given."""
         weight = self.out_proj.weight
-        return KVCache(
+        cache = KVCache(
             check_positive_int("batch_size", batch_size),
             self.num_kv_heads,
             check_positive_int("max_len", max_len),
@@ -486,6 +486,8 @@ class MultiheadAttention(nn.Module):
             dtype=weight.dtype if dtype is None else dtype,
             device=weight.device if device is None else device,
         )
+        cache.claim(self)  # it belongs to this layer; any other refuses it
+        return cache
 
     def _bias(self, bias: Tensor | None) -> Tensor | None:
         """A bias in the layer's dtype. torch's layer adds a bias of another floating dtype
