@@ -197,7 +197,8 @@ def attention_core(
         average_weights=average_weights,
         dropout_p=dropout_p,
         needs_grad=needs_grad,
-        score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2],
+        # D = 0 counts as empty too: no dot products, which the fused kernels do not take.
+        score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * min(q.shape[3], 1),
         softcap=softcap is not None,
         functional_autodiff=functional_autodiff(q, k, v, mask),
     )

@@ -22,6 +22,12 @@ def _grouped(x: Tensor, kv_heads: int) -> Tensor:
     return x.reshape(n, kv_heads, (h // kv_heads) * rows, cols)
 
 
+def scale(head_dim: int) -> float:
+    """The softmax scale 1/sqrt(D); with D = 0 every logit is an empty sum, 0, and any scale
+    gives it, so 1.0 there instead of a division by zero."""
+    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+
+
 def attention_logits(
     q: Tensor, k: Tensor, *, softcap: float | None = None, out: Tensor | None = None
 ) -> Tensor:
@@ -32,7 +38,7 @@ def attention_logits(
     """
     n, h, q_len, d = q.shape
     kv_heads, key_len = k.shape[1], k.shape[2]
-    q = q * (1.0 / math.sqrt(d))
+    q = q * scale(d)
     if kv_heads == h:
         logits = torch.matmul(q, k.transpose(-2, -1), out=out)  # (N, H, L, S)
     else:
@@ -42,17 +48,28 @@ def attention_logits(
     return logits if softcap is None else soft_capped(logits, softcap)
 
 
-def soft_capped(logits: Tensor, softcap: float) -> Tensor:
-    """``softcap * tanh(logits / softcap)`` (Gemma 2), for any finite ``softcap`` > 0.
+# A cap at most this fraction of a dtype's largest value leaves room for the backward's
+# ``gradient * softcap`` (autograd's product for ``tanh(x / c) * c``): gradients up to 2**16.
+_HEADROOM = 2.0**-16
 
-    A cap outside the logits' dtype's normal range would become inf or 0 there, and the
-    formula NaN; such a cap is applied in float64 instead: the result, at most ``|logits|`` in
-    size, fits the dtype.
+
+def soft_capped(logits: Tensor, softcap: float) -> Tensor:
+    """``softcap * tanh(logits / softcap)`` (Gemma 2), for any finite ``softcap`` in
+    ``(0, 1e300]`` (the range :func:`multihead.validation.check_softcap` allows).
+
+    In the logits' own dtype when the cap lies well inside its range; otherwise in float32 or
+    float64, the first whose range holds it: a cap beyond a dtype's range becomes inf or 0
+    there and the formula NaN, and a cap near its top overflows the backward's
+    ``gradient * softcap``. The result, at most ``|logits|`` in size, fits the logits' dtype.
     """
-    info = torch.finfo(logits.dtype)
-    if info.tiny <= softcap <= info.max:
-        return torch.tanh(logits / softcap) * softcap
-    return (torch.tanh(logits.double() / softcap) * softcap).to(logits.dtype)
+    bits = torch.finfo(logits.dtype).bits
+    for dtype in (logits.dtype, torch.float32, torch.float64):
+        info = torch.finfo(dtype)
+        # From the smallest subnormal up: a tiny cap only needs to stay non-zero.
+        if info.bits >= bits and info.tiny * info.eps <= softcap <= info.max * _HEADROOM:
+            work = logits.to(dtype)
+            return (torch.tanh(work / softcap) * softcap).to(logits.dtype)
+    raise ValueError(f"softcap={softcap!r} is outside (0, 1e300]")  # refused at the boundary
 
 
 def weighted_values(probs: Tensor, v: Tensor) -> Tensor:

@@ -275,13 +275,17 @@ def check_rope(rope: bool, rope_base: object, head_dim: int) -> float:
 
 
 def check_softcap(softcap: object) -> float | None:
-    """Returns ``softcap`` as a finite float > 0, or None (no cap; an infinite cap is None)."""
+    """Returns ``softcap`` as a float in (0, 1e300], or None (no cap; an infinite cap is None).
+
+    Above 1e300 the backward's ``gradient * softcap`` overflows float64 itself, and such a cap
+    is the identity on any logit below 1e290 anyway.
+    """
     if softcap is None:
         return None
-    expected = "a finite positive number, or None for no cap"
+    expected = "a positive number at most 1e300, or None for no cap"
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(invalid("softcap", expected, f"softcap={softcap!r}"))
-    if not (softcap > 0 and math.isfinite(softcap)):
+    if not 0 < softcap <= 1e300:
         raise ValueError(invalid("softcap", expected, f"softcap={softcap!r}"))
     return float(softcap)
 

@@ -10,12 +10,11 @@ memory for their graph, and one who puts them in a loss still gets exact gradien
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .logits import attention_logits, summed_over_groups, weighted_values
+from .logits import scale as logits_scale
 from .masks import position_mask
 
 # Scratch for one block of per-head scores, in elements (8 MiB of fp32). Big enough for GEMM
@@ -125,7 +124,7 @@ class _AveragedWeights(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         q, k, mask, empty = ctx.saved_tensors
-        heads, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
+        heads, scale = q.shape[1], logits_scale(q.shape[-1])
         need_q, need_k, need_mask = ctx.needs_input_grad[:3]
         grad_q = torch.zeros_like(q) if need_q else None
         grad_k = torch.zeros_like(k) if need_k else None
