@@ -173,3 +173,24 @@ def test_nested_inputs_that_cannot_run_get_a_clear_error(call, name):
     seq_first = multihead.MultiheadAttention(E, H, dtype=torch.float64)
     with torch.no_grad(), pytest.raises(ValueError, match=r"`query`.*batch_first=True"):
         seq_first(x, x, x)
+
+
+@pytest.mark.parametrize("value", [-1e30, -3e38])
+def test_plain_swapped_encoder_keeps_finite_masks_finite(value):
+    """A plain (torch-compatible) layer declines the fused kernel too: a row of a finite float
+    mask that torch's fused kernel turns into NaN (measured with torch 2.13) stays finite, and
+    equals what our forward gives with the fast path off."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True).eval()
+    multihead.swap(layer)
+    assert layer.self_attn._qkv_same_embed_dim is False
+    x = torch.randn(2, 5, E)
+    mask = torch.zeros(5, 5)
+    mask[2] = value
+    padding = torch.zeros(2, 5)
+    padding[1] = value
+    with torch.no_grad():
+        for kwargs in (dict(src_mask=mask), dict(src_key_padding_mask=padding)):
+            out = layer(x, **kwargs)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, unfused(layer, x, **kwargs), atol=0, rtol=0)

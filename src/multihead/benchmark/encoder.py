@@ -4,12 +4,14 @@ Shape legend: N batch, L sequence length, E embed dim, H heads.
 
 ``nn.TransformerEncoder`` in inference (eval, no_grad, batch_first) runs each layer through
 torch's fused ``_transformer_encoder_layer_fwd`` kernel when its attention reports
-``_qkv_same_embed_dim`` (our torch-compatible layers do, so the kernel reads their parameters),
-and turns a padded batch into a nested tensor. "declined" makes our plain layer report False,
-as layers with options beyond torch's do: every attention then runs our forward (nested
-batches sequence by sequence), and torch runs the rest of the layer unfused. Both run in one
-process, interleaved round by round; the ratio is declined / fused (above 1: declining is
-slower).
+``_qkv_same_embed_dim`` True, reading the attention's parameters instead of calling it, and
+turns a padded batch into a nested tensor. Our layer reports False ("declined", the shipped
+choice): every attention runs our forward (nested batches sequence by sequence), and torch runs
+the rest of the layer unfused. "fused" makes our plain layer report True for the measurement,
+as torch's layer does. Both run in one process, interleaved round by round; the ratio is
+declined / fused (above 1: declining is slower).
+
+Run: ``python -m multihead.benchmark.encoder``.
 """
 
 from __future__ import annotations
@@ -24,21 +26,24 @@ from .. import swap
 from ..layer import MultiheadAttention
 from .timing import interleaved, median_ratio
 
-# (N, L, E, H, layers, padded): a BERT-base-like batch and one long sequence, with and without
-# a key padding mask (which makes torch's encoder use nested tensors).
+# (N, L, E, H, layers, padded): BERT-like batches, one short sequence and two long ones, with
+# and without a key padding mask (which makes torch's encoder use nested tensors).
 CASES = [
     (16, 128, 512, 8, 2, False),
     (16, 128, 512, 8, 2, True),
+    (64, 64, 256, 4, 2, False),
+    (64, 64, 256, 4, 2, True),
+    (1, 128, 512, 8, 2, False),
     (2, 1024, 512, 8, 2, False),
     (2, 1024, 512, 8, 2, True),
 ]
 
 
 @contextlib.contextmanager
-def _declined():
-    """Our plain layers report ``_qkv_same_embed_dim`` False, as declining layers do."""
+def _fused():
+    """Our layers report ``_qkv_same_embed_dim`` as torch's does (packed weights: True)."""
     original = MultiheadAttention._qkv_same_embed_dim
-    MultiheadAttention._qkv_same_embed_dim = property(lambda self: False)
+    MultiheadAttention._qkv_same_embed_dim = property(lambda self: self.in_proj_weight is not None)
     try:
         yield
     finally:
@@ -62,11 +67,11 @@ def run(budget_s: float = 6.0) -> list[dict]:
             mask = torch.arange(length)[None, :] >= lengths[:, None]
 
         def fused(encoder=encoder, x=x, mask=mask):
-            with torch.no_grad():
+            with torch.no_grad(), _fused():
                 return encoder(x, src_key_padding_mask=mask)
 
         def declined(encoder=encoder, x=x, mask=mask):
-            with torch.no_grad(), _declined():
+            with torch.no_grad():
                 return encoder(x, src_key_padding_mask=mask)
 
         samples = interleaved({"fused": fused, "declined": declined}, budget_s=budget_s)
