@@ -667,7 +667,7 @@ def test_cache_of_another_dtype_is_refused_outside_autocast(case):
         cache = layer.new_cache(2, 12, dtype={"f": torch.float64, "b": torch.bfloat16}[case[0]])
     before = snapshot(cache)
     with torch.no_grad(), pytest.raises(ValueError, match=r"`cache`.*dtype"):
-        layer(x[:, 3:5], x[:, 3:5], x[:, 3:5], cache=cache)
+        layer(*[x[:, 3:5]] * 3, cache=cache)
     assert_unchanged(cache, before)
 
 
@@ -699,7 +699,7 @@ def test_cache_used_by_one_layer_is_refused_by_another():
         first = decode(owner, cache, x, [(0, 4)])
         before = snapshot(cache)
         with pytest.raises(ValueError, match=r"`cache`.*another layer"):
-            other(x[:, 4:5], x[:, 4:5], x[:, 4:5], cache=cache)
+            other(*[x[:, 4:5]] * 3, cache=cache)
         assert_unchanged(cache, before)
         rest = decode(owner, cache, x, CHUNKS[1:])  # the owner carries on, unaffected
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-12, rtol=1e-10)
@@ -724,7 +724,7 @@ def test_directly_built_cache_is_claimed_by_the_first_layer_that_uses_it():
         head = decode(first_user, cache, x, [(0, 4)])
         before = snapshot(cache)
         with pytest.raises(ValueError, match=r"`cache`.*another layer"):
-            other(x[:, 4:5], x[:, 4:5], x[:, 4:5], cache=cache)
+            other(*[x[:, 4:5]] * 3, cache=cache)
         assert_unchanged(cache, before)
         tail = decode(first_user, cache, x, CHUNKS[1:])
     torch.testing.assert_close(torch.cat([head, tail], 1), full, atol=1e-12, rtol=1e-10)
@@ -742,16 +742,16 @@ def test_copied_cache_has_no_owner(how):
         copied = copy.deepcopy(cache) if how == "deepcopy" else pickle.loads(pickle.dumps(cache))
         assert copied.length == 4
         assert torch.equal(copied.k, cache.k) and torch.equal(copied.v, cache.v)
-        other(x[:, 4:5], x[:, 4:5], x[:, 4:5], cache=copied)  # no owner: accepted, claimed
+        other(*[x[:, 4:5]] * 3, cache=copied)  # no owner: accepted, claimed
         assert copied.length == 5
         before, before_original = snapshot(copied), snapshot(cache)
         with pytest.raises(ValueError, match=r"`cache`.*another layer"):
-            owner(x[:, 5:6], x[:, 5:6], x[:, 5:6], cache=copied)
+            owner(*[x[:, 5:6]] * 3, cache=copied)
         assert_unchanged(copied, before)
         with pytest.raises(ValueError, match=r"`cache`.*another layer"):
-            other(x[:, 5:6], x[:, 5:6], x[:, 5:6], cache=cache)
+            other(*[x[:, 5:6]] * 3, cache=cache)
         assert_unchanged(cache, before_original)
-        owner(x[:, 4:5], x[:, 4:5], x[:, 4:5], cache=cache)  # the original: still its owner's
+        owner(*[x[:, 4:5]] * 3, cache=cache)  # the original: still its owner's
         assert cache.length == 5
 
 

@@ -321,3 +321,25 @@ def test_window_with_fewer_keys_than_queries_leaves_some_queries_without_keys(is
     torch.testing.assert_close(out, ref, **TOL)
     torch.testing.assert_close(w, ref_w.mean(1), **TOL)
     assert (w[0, 5] == 0).all()  # query 5 is 4+ positions from both keys
+
+
+@pytest.mark.parametrize("which", ["key", "value", "both", "equal copies"])
+def test_cache_refuses_keys_and_values_other_than_the_query(which):
+    """The cache holds the new tokens' own keys and values: a key or value from another
+    tensor (which would silently become causal cross-attention over the cache) is refused
+    with an error naming `cache`, and the cache is unchanged."""
+    layer = build(embed_dim=16, num_heads=4).eval()
+    cache = layer.new_cache(1, 8)
+    x, other = (
+        torch.randn(1, 3, 16, dtype=torch.float64),
+        torch.randn(1, 3, 16, dtype=torch.float64),
+    )
+    key, value = {
+        "key": (other, x),
+        "value": (x, other),
+        "both": (other, other),
+        "equal copies": (x.clone(), x.clone()),
+    }[which]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`cache`.*query itself"):
+        layer(x, key, value, cache=cache)
+    assert cache.length == 0 and not cache.k.any()

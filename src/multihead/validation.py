@@ -443,6 +443,17 @@ def check_extras(
                     f"L={query_len}, S={key_len}",
                 )
             )
+        if inputs[1] is not query or inputs[2] is not query:
+            # The cache holds each token's own keys and values (self-attention decoding); keys
+            # from another sequence would silently become causal cross-attention.
+            raise ValueError(
+                invalid(
+                    "cache",
+                    "key and value that are query itself (layer(x, x, x, cache=cache)): the "
+                    "cache holds the new tokens' own keys and values",
+                    "a key or value tensor other than query",
+                )
+            )
         if has_masks or layer.bias_k is not None or layer.add_zero_attn:
             raise ValueError(
                 invalid(
