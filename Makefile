@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
-# `make bench` (or `make bench-quick`) writes benchmarks/results/.
+# `make bench` (or `make bench-quick`) writes benchmarks/local/ (git-ignored); `make bench-publish`
+# replaces benchmarks/results/, the tracked results and plots the README shows.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean bench bench-quick
+.PHONY: demo test lint format clean bench bench-quick bench-publish
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m multihead bench --quick
+
+bench-publish: $(STAMP)
+	$(PY) -m multihead bench --publish
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -50,3 +50,7 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"{label}: {count} configurations")
     for label, worst in sorted(_MAX_ERROR.items()):
         terminalreporter.write_line(f"{label}: max |ours - oracle| = {worst:.3e}")
+
+
+# Figures in the tests and the README's blocks are drawn off screen.
+os.environ.setdefault("MPLBACKEND", "Agg")

@@ -4,14 +4,19 @@ the report files, the memory subprocess and the ORT column. Nothing here asserts
 from __future__ import annotations
 
 import csv
+import importlib.util
 import itertools
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from multihead.__main__ import main as cli_main
-from multihead.benchmark import memory
+from multihead.benchmark import memory, runner
 from multihead.benchmark.cases import (
     MODES,
     TRAIN_MAX_LEN,
@@ -201,6 +206,58 @@ def test_write_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def footer_of(fig) -> str:
+    return " ".join(" ".join(text.get_text() for text in fig.texts).split())
+
+
+def assert_footer(fig) -> None:
+    text = footer_of(fig)
+    for fact in ("Test CPU (2 cores)", "cpu", "torch 2.x", "2026-01-01T00:00:00+00:00"):
+        assert fact in text, text
+
+
+def test_speedup_plot_shows_ours_over_torch_as_the_tables_do():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from multihead.benchmark.plots import speedup_figure
+
+    fig = speedup_figure(fake_rows(), MACHINE_FACTS)
+    (ax,) = fig.axes
+    assert ax.get_ylabel().startswith("ours/torch time (< 1: ours faster")
+    assert "log2 scale" in ax.get_ylabel() and ax.get_yscale() == "log"
+    assert "log2 scale" in ax.get_xlabel() and ax.get_xscale() == "log"
+    drawn = {float(y) for line in ax.get_lines()[:-1] for y in line.get_ydata()}  # - parity
+    assert drawn == {0.6}  # the rows' ours_over_torch, not its inverse
+    assert_footer(fig)
+    plt.close(fig)
+
+
+def test_memory_plot_explains_its_markers_and_scales():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from multihead.benchmark.plots import memory_figure
+
+    fig = memory_figure(fake_rows(), MACHINE_FACTS)
+    (ax,) = fig.axes
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert "ours: solid, filled markers" in labels and "torch: dashed, hollow markers" in labels
+    assert "log10 scale" in ax.get_ylabel() and "log2 scale" in ax.get_xlabel()
+    assert_footer(fig)
+    plt.close(fig)
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    from multihead.benchmark.plots import write_plots
+
+    for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'multihead\[bench\]'"):
+        write_plots(fake_rows(), MACHINE_FACTS, tmp_path)
+
+
 def test_memory_subprocess_on_a_tiny_case():
     mib = memory.measure(Case("infer", 2, 5, 16, 4), "ours", torch.device("cpu"), timeout_s=120)
     assert mib > 0
@@ -247,7 +304,91 @@ def test_decode_and_gqa_reports(tmp_path):
     assert decoded["speedup"] == pytest.approx(decoded["torch_total_ms"] / decoded["ours_total_ms"])
     grouped = decode.grouped_query(cpu, seq_len=8, embed_dim=16, heads=4, kv_heads=2)
     assert grouped["gqa_over_mha_cache"] == pytest.approx(0.5)
-    paths = decode.write(decoded, grouped, {"cpu": "test"}, tmp_path)
+    assert decoded["ours_over_torch"] == pytest.approx(1 / decoded["speedup"])
+    paths = decode.write(decoded, grouped, MACHINE_FACTS, tmp_path)
     assert {p.name for p in paths} >= {"decode.md", "decode.json"}
     text = (tmp_path / "decode.md").read_text()
     assert "Autoregressive decode" in text and "Grouped-query attention" in text
+    assert f"Total time ours/torch: {decoded['ours_over_torch']:.3f} (ours " in text
+    if importlib.util.find_spec("matplotlib") is None:
+        return
+    import matplotlib.pyplot as plt
+
+    assert (tmp_path / "decode.png").read_bytes().startswith(b"\x89PNG")
+    fig = decode.decode_figure(decoded, MACHINE_FACTS)
+    (ax,) = fig.axes
+    assert "log10 scale" in ax.get_ylabel() and "linear scale" in ax.get_xlabel()
+    assert "total time ours/torch" in ax.get_title()
+    assert_footer(fig)  # as speedup.png and memory.png
+    plt.close(fig)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_benchmark(monkeypatch) -> None:
+    """The runner with every measurement replaced by a made-up number; the reports are real."""
+    from multihead.benchmark import decode
+
+    def time_case(case, device, options, gemm):
+        return {
+            "mode": case.mode,
+            **{"N": case.batch, "L": case.seq_len, "E": case.embed_dim, "H": case.num_heads},
+            **{"rounds": 5, "ours_ms": 1.0, "torch_ms": 2.0, "ours_over_torch": 0.5},
+            "note": "",
+        }
+
+    def measure_memory(case, device, row):
+        row.update(ours_mib=1.0, torch_mib=2.0, mem_ours_over_torch=0.5)
+
+    monkeypatch.setattr(runner, "gemm_gflops", lambda device: 100.0)
+    monkeypatch.setattr(runner, "machine_info", lambda device, gemm: dict(MACHINE_FACTS))
+    monkeypatch.setattr(runner, "time_case", time_case)
+    monkeypatch.setattr(runner, "measure_memory", measure_memory)
+    real_decode, real_grouped = decode.decode, decode.grouped_query
+    monkeypatch.setattr(
+        decode, "decode", lambda device, tokens: real_decode(device, 4, embed_dim=16, heads=4)
+    )
+    monkeypatch.setattr(
+        decode,
+        "grouped_query",
+        lambda device, seq_len: real_grouped(device, 8, embed_dim=16, heads=4, kv_heads=2),
+    )
+
+
+def written(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+
+
+def test_a_plain_run_writes_only_into_the_git_ignored_folder(monkeypatch, tmp_path, capsys):
+    fake_benchmark(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)  # as in the repository
+    assert runner.Options().out == Path("benchmarks/local")
+    assert cli_main(["bench", "--quick"]) == 0
+    files = written(tmp_path)
+    assert "benchmarks/local/results.md" in files and "benchmarks/local/decode.md" in files
+    assert all(name.startswith("benchmarks/local/") for name in files), files
+    assert "wrote benchmarks/local/results.md" in capsys.readouterr().out
+    if shutil.which("git") and (REPO / ".git").exists():
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", "benchmarks/local/results.md"], cwd=REPO, check=False
+        )
+        assert ignored.returncode == 0, "benchmarks/local/ must be in .gitignore"
+
+
+def test_publish_writes_the_readmes_folder(monkeypatch, tmp_path):
+    fake_benchmark(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert cli_main(["bench", "--publish", "--budget", "1"]) == 0
+    files = written(tmp_path)
+    assert "benchmarks/results/results.md" in files
+    assert all(name.startswith("benchmarks/results/") for name in files), files
+
+
+def test_decode_summary_says_slower_when_ours_is_slower():
+    from multihead.benchmark.decode import _faster
+
+    assert _faster({"speedup": 14.3}) == "ours 14.3x faster"
+    assert _faster({"speedup": 0.5}) == "ours 2.0x slower"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import pytest
 import torch
 
@@ -9,15 +12,25 @@ import multihead
 
 pytest.importorskip("matplotlib")
 
+import matplotlib.pyplot as plt
+
 from multihead import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MAGIC = {"png": PNG_MAGIC, "jpg": b"\xff\xd8\xff", "pdf": b"%PDF", "svg": b"<?xml"}
 
 
-def layer_weights(average: bool, extra: bool = False):
+@pytest.fixture(autouse=True)
+def close_figures():
+    """attention_figure registers its figures with pyplot, as plt.figure does."""
+    yield
+    plt.close("all")
+
+
+def layer_weights(average: bool, extra: bool = False, batch: int = 1):
     torch.manual_seed(0)
     layer = multihead.MultiheadAttention(8, 4, batch_first=True, add_zero_attn=extra)
-    x = torch.randn(1, 5, 8)  # (N, L, E)
+    x = torch.randn(batch, 5, 8)  # (N, L, E)
     with torch.no_grad():
         return layer(x, x, x, average_attn_weights=average)[1]
 
@@ -70,7 +83,7 @@ def test_long_sequences_label_every_kth_token():
 
 
 def test_grid_with_fewer_heads_than_cells_hides_the_rest():
-    figure = plot.attention_figure(torch.rand(6, 3, 3), columns=4)  # 2 rows x 4 columns
+    figure = plot.attention_figure(torch.rand(6, 3, 3), columns=4, panels="head")  # 2 x 4
     assert len(maps(figure)) == 6
     assert sum(not ax.axison for ax in figure.axes) == 2
 
@@ -78,7 +91,7 @@ def test_grid_with_fewer_heads_than_cells_hides_the_rest():
 @pytest.mark.parametrize(
     ("shape", "message"),
     [
-        ((2, 4, 3, 3), r"expected a non-empty \(L, S\) or \(H, L, S\) tensor"),
+        ((2, 4, 3, 3, 3), r"expected a non-empty \(L, S\), \(P, L, S\) or \(1, H, L, S\)"),
         ((5,), r"Received: shape \(5,\)"),
         ((0, 3), r"non-empty"),
     ],
@@ -95,3 +108,77 @@ def test_rejects_label_counts_that_do_not_match():
         plot.attention_figure(torch.rand(3, 4), ["a", "b", "c"], key_tokens=["x"])
     with pytest.raises(TypeError, match=r"Invalid argument `weights`: expected a tensor"):
         plot.attention_figure([[1.0]])
+
+
+def test_the_figure_shows_outside_a_notebook():
+    figure = plot.attention_figure(layer_weights(average=False), list("abcde"))
+    assert plt.fignum_exists(figure.number)  # managed by pyplot, as plt.figure() makes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a non-interactive backend says it cannot show
+        figure.show()  # a Figure() made without pyplot raises AttributeError here
+
+
+def test_save_attention_leaves_pyplot_alone(tmp_path):
+    before = plt.get_fignums()
+    plot.save_attention(torch.rand(3, 3), tmp_path / "map.png")
+    assert plt.get_fignums() == before
+
+
+def test_a_batch_of_averaged_maps_is_not_drawn_as_heads():
+    weights = layer_weights(average=True, batch=2)  # (N, L, S): one map per batch item
+    assert weights.shape == (2, 5, 5)
+    with pytest.raises(ValueError, match=r"Invalid argument `weights`: .*ambiguous") as error:
+        plot.attention_figure(weights)
+    assert "weights[i]" in str(error.value) and "panels='head'" in str(error.value)
+    figure = plot.attention_figure(weights, panels="item")
+    assert [ax.get_title() for ax in maps(figure)] == ["item 0", "item 1"]
+
+
+def test_a_batch_of_per_head_maps_is_refused():
+    weights = layer_weights(average=False, batch=2)  # (N, H, L, S)
+    with pytest.raises(ValueError, match=r"`weights`: .*holds 2 items\. Pass one item"):
+        plot.attention_figure(weights)
+    (ax,) = maps(plot.attention_figure(weights[:1, :1]))  # (1, 1, L, S): one head, no title
+    assert ax.get_title() == ""
+
+
+def test_panels_must_name_the_axis():
+    with pytest.raises(ValueError, match=r"Invalid argument `panels`"):
+        plot.attention_figure(torch.rand(2, 3, 3), panels=" ")
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg", "pdf", "svg"])
+def test_save_attention_writes_the_format_its_suffix_names(tmp_path, suffix):
+    path = plot.save_attention(torch.rand(3, 3), tmp_path / f"map.{suffix}")
+    assert path.read_bytes().startswith(MAGIC[suffix])
+
+
+def test_save_attention_without_a_suffix_writes_png(tmp_path):
+    path = plot.save_attention(torch.rand(3, 3), tmp_path / "map")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_save_attention_refuses_a_suffix_it_cannot_write(tmp_path):
+    assert {"png", "jpg", "pdf", "svg"} <= set(plot.image_formats())
+    assert "pgf" not in plot.image_formats()  # needs LaTeX
+    with pytest.raises(ValueError, match=r"Invalid argument `path`: .*\.png.*'.*map\.bmp'"):
+        plot.save_attention(torch.rand(3, 3), tmp_path / "sub" / "map.bmp")
+    assert list(tmp_path.iterdir()) == []  # checked before any folder is made
+
+
+def hide_matplotlib(monkeypatch):
+    """Makes ``import matplotlib`` (and its submodules) fail as if it were not installed."""
+    for name in [name for name in sys.modules if name.split(".")[0] == "matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
+    hide_matplotlib(monkeypatch)
+    hint = r"needs matplotlib, which is not installed: pip install 'multihead\[plot\]'"
+    with pytest.raises(ModuleNotFoundError, match=hint):
+        plot.attention_figure(torch.rand(3, 3))
+    with pytest.raises(ModuleNotFoundError, match=hint):
+        plot.save_attention(torch.rand(3, 3), tmp_path / "map.png")
+    with pytest.raises(ModuleNotFoundError, match=hint):
+        plot.image_formats()

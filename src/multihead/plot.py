@@ -3,15 +3,23 @@
 Shape legend: H heads, L query length, S key length (including any ``add_bias_kv`` /
 ``add_zero_attn`` slots the layer appended).
 
-``(L, S)`` draws one map; ``(H, L, S)`` draws a grid with one map per head on one shared colour
-scale. A leading batch dimension of size 1 is dropped, so ``layer(x, x, x)[1]`` for one
-sequence can be passed as it is. Rows are queries, columns keys: row i shows where query i looks.
-Needs matplotlib (the ``plot`` extra); figures are built without pyplot, so no window opens and
-no global figure state is touched.
+``(L, S)`` draws one map; ``(1, H, L, S)`` (``average_attn_weights=False`` for one sequence)
+draws a grid with one map per head on one shared colour scale. A 3-D tensor is ambiguous: the
+layer returns ``(H, L, S)`` per-head weights for an unbatched call but ``(N, L, S)`` averaged
+weights for a batch, so a 3-D tensor with more than one map needs ``panels`` to say what its
+first axis is (``panels="head"``, ``"item"``, ``"layer"``, ...); the panels are titled with it.
+A leading batch dimension of size 1 is dropped, so ``layer(x, x, x)[1]`` for one sequence can be
+passed as it is. Rows are queries, columns keys: row i shows where query i looks.
+
+Needs matplotlib (the ``plot`` extra: ``pip install 'multihead[plot]'``).
+:func:`attention_figure` returns a pyplot figure (``figure.show()`` and ``plt.show()`` work; close
+it with ``plt.close(figure)`` when drawing many); :func:`save_attention` draws without pyplot, so
+no window opens and no global figure state is touched.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +32,58 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+PLOT_EXTRA_HINT = "pip install 'multihead[plot]'"
+# Formats matplotlib lists but that need more than matplotlib: pgf is LaTeX source and needs a
+# TeX installation to write.
+_UNSUPPORTED_FORMATS = frozenset({"pgf"})
+
 # Inches per token along each axis of one map, and the bounds on one map's side (a long
 # sequence gets smaller cells); the smallest label font, in points.
 _CELL, _MIN_SIDE, _MAX_SIDE = 0.24, 1.8, 7.0
 _MIN_FONT = 6.0
+
+
+def _import_matplotlib(module: str = "matplotlib"):
+    """Imports ``module`` (matplotlib or one of its submodules), naming the extra when missing."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "matplotlib":
+            raise  # matplotlib is there but something it needs is not: its own message says what
+        raise ModuleNotFoundError(
+            f"multihead.plot needs matplotlib, which is not installed: {PLOT_EXTRA_HINT}",
+            name="matplotlib",
+        ) from error
+
+
+def image_formats() -> tuple[str, ...]:
+    """The file suffixes (without the dot) :func:`save_attention` can write, e.g. png, jpg, pdf.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed.
+    """
+    backend_bases = _import_matplotlib("matplotlib.backend_bases")
+    formats = backend_bases.FigureCanvasBase.get_supported_filetypes()
+    return tuple(sorted(set(formats) - _UNSUPPORTED_FORMATS))
+
+
+def image_format(path: str | Path, name: str = "path") -> str:
+    """The format :func:`save_attention` writes ``path`` in: its suffix, or png without one.
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write; the message names the argument ``name``.
+        ModuleNotFoundError: matplotlib is not installed.
+    """
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    formats = image_formats()
+    if suffix not in formats:
+        raise ValueError(
+            f"Invalid argument `{name}`: expected a file name ending in one of "
+            f"{', '.join('.' + f for f in formats)}. Received: {str(path)!r}."
+        )
+    return suffix
 
 
 def _side(query_len: int, key_len: int) -> float:
@@ -35,23 +91,48 @@ def _side(query_len: int, key_len: int) -> float:
     return min(_MAX_SIDE, max(_MIN_SIDE, _CELL * max(query_len, key_len)))
 
 
-def _as_heads(weights: Tensor) -> Tensor:
-    """``weights`` as ``(H, L, S)`` float on CPU; one map is one head."""
+def _as_maps(weights: Tensor, panels: str | None = None) -> tuple[Tensor, str | None]:
+    """``weights`` as ``(P, L, S)`` float on CPU, and what the P panels are (None for one map).
+
+    ``(L, S)``: one map. ``(1, H, L, S)``: H heads. ``(P, L, S)``: P maps of what ``panels``
+    names, required when P > 1 (heads of one sequence and items of a batch look alike).
+    """
     if not isinstance(weights, Tensor):
         raise TypeError(
             f"Invalid argument `weights`: expected a tensor. Received: {type(weights).__name__}."
         )
+    if panels is not None and (not isinstance(panels, str) or not panels.strip()):
+        raise ValueError(
+            "Invalid argument `panels`: expected what the first axis of `weights` is, "
+            f"such as 'head' or 'item'. Received: {panels!r}."
+        )
+    shape = tuple(weights.shape)
     w = weights.detach().to("cpu", torch.float32)
-    if w.dim() == 4 and w.shape[0] == 1:
-        w = w[0]  # (H, L, S) from a batch of one
-    if w.dim() == 2:
+    if w.dim() == 4 and w.shape[0] > 1 and w.numel():
+        raise ValueError(
+            f"Invalid argument `weights`: expected one sequence's maps, but the leading batch "
+            f"dimension holds {shape[0]} items. Pass one item: weights[i : i + 1], or "
+            f"weights[i] with panels='head'. Received: shape {shape}."
+        )
+    if w.dim() == 4:
+        w, panels = w[0], panels or "head"  # (H, L, S) from a batch of one
+    elif w.dim() == 2:
         w = w.unsqueeze(0)  # (1, L, S)
     if w.dim() != 3 or w.numel() == 0:
         raise ValueError(
-            "Invalid argument `weights`: expected a non-empty (L, S) or (H, L, S) tensor "
-            f"(or (1, H, L, S)). Received: shape {tuple(weights.shape)}."
+            "Invalid argument `weights`: expected a non-empty (L, S), (P, L, S) or (1, H, L, S) "
+            f"tensor. Received: shape {shape}."
         )
-    return w
+    if w.shape[0] > 1 and panels is None:
+        raise ValueError(
+            f"Invalid argument `weights`: a 3-D tensor of {shape[0]} maps is ambiguous: the "
+            "layer returns (H, L, S) per-head weights for an unbatched call and (N, L, S) "
+            "averaged weights for a batch. Pass one item's (L, S) map (weights[i]), per-head "
+            "weights with their batch of one ((1, H, L, S), from average_attn_weights=False), "
+            "or say what the first axis is: panels='head' (or 'item', 'layer', ...). "
+            f"Received: shape {shape}."
+        )
+    return w, (panels.strip() if w.shape[0] > 1 else None)
 
 
 def _labels(name: str, labels: Sequence[str] | None, size: int, axis: str) -> list[str] | None:
@@ -84,7 +165,7 @@ def heatmap(
         vmax: top of the colour scale (default the map's maximum); the bottom is 0.
         title: drawn above the map.
     """
-    w = _as_heads(weights)
+    w, _ = _as_maps(weights, "map")
     if w.shape[0] != 1:
         raise ValueError(
             "Invalid argument `weights`: expected one (L, S) map. "
@@ -124,49 +205,64 @@ def attention_figure(
     key_tokens: Sequence[str] | None = None,
     title: str | None = None,
     columns: int = 4,
+    panels: str | None = None,
 ) -> Figure:
-    """A figure of one map or a grid of heads, with a shared colour bar.
+    """A pyplot figure of one map or a grid of maps, with a shared colour bar.
 
     Args:
-        weights: ``(L, S)`` or ``(H, L, S)`` (a leading batch of 1 is dropped).
+        weights: ``(L, S)``; ``(1, H, L, S)`` (one sequence's per-head weights: a grid of
+            heads); or ``(P, L, S)`` with ``panels`` saying what its first axis is (a leading
+            axis of 1 needs no ``panels``).
         tokens: L query labels; also the key labels when ``key_tokens`` is None and L == S
             (self-attention).
         key_tokens: S key labels.
         title: the figure's title.
-        columns: maps per row in a grid of heads.
+        columns: maps per row in a grid.
+        panels: what the first of three axes is, e.g. ``"head"`` for the ``(H, L, S)`` weights
+            of an unbatched call or of ``minilm.attention_maps(...)[1][layer]``, ``"item"`` for
+            the ``(N, L, S)`` averaged weights of a batch; panel i is titled ``f"{panels} {i}"``.
 
     Returns:
-        A matplotlib Figure (not registered with pyplot).
+        A matplotlib Figure created through pyplot, so ``figure.show()`` (and ``plt.show()``)
+        displays it, and notebooks draw it. pyplot keeps it until ``plt.close(figure)``: close
+        the figures you are done with when drawing many. :func:`save_attention` writes a file
+        without pyplot.
 
     Raises:
-        ValueError: a shape other than the above, or label counts that do not match it.
+        ValueError: a shape other than the above (a 3-D tensor of several maps without
+            ``panels``, a batch of several items), or label counts that do not match it.
+        ModuleNotFoundError: matplotlib is not installed (the ``plot`` extra).
     """
-    from matplotlib.figure import Figure
+    pyplot = _import_matplotlib("matplotlib.pyplot")
+    return _draw(pyplot.figure, weights, tokens, key_tokens, title, columns, panels)
 
-    w = _as_heads(weights)
-    heads, query_len, key_len = w.shape
+
+def _draw(new_figure, weights, tokens, key_tokens, title, columns, panels) -> Figure:
+    """Draws :func:`attention_figure` on a figure from ``new_figure(figsize=..., ...)``."""
+    w, panels = _as_maps(weights, panels)
+    count, query_len, key_len = w.shape
     if key_tokens is None and tokens is not None and query_len == key_len:
         key_tokens = tokens
-    columns = max(1, min(columns, heads))
-    rows = math.ceil(heads / columns)
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
     side = _side(query_len, key_len)
     # Room for the rotated labels, the colour bar and the titles around the maps.
     width = columns * side * key_len / max(query_len, key_len) + 1.6 + (1.0 if tokens else 0)
     height = rows * side * query_len / max(query_len, key_len) + 1.0 + (1.0 if tokens else 0)
-    figure = Figure(figsize=(width, height), layout="constrained", dpi=120)
+    figure = new_figure(figsize=(width, height), layout="constrained", dpi=120)
     axes = figure.subplots(rows, columns, squeeze=False)
     vmax = float(w.max())
-    for head, ax in enumerate(axes.flat):
-        if head >= heads:
+    for index, ax in enumerate(axes.flat):
+        if index >= count:
             ax.set_axis_off()
             continue
         image = heatmap(
             ax,
-            w[head],
+            w[index],
             query_tokens=tokens,
             key_tokens=key_tokens,
             vmax=vmax,
-            title=f"head {head}" if heads > 1 else None,
+            title=f"{panels} {index}" if panels else None,
         )
     for ax in axes[:, 0]:
         ax.set_ylabel("query")
@@ -183,13 +279,27 @@ def save_attention(
     weights: Tensor,
     path: str | Path,
     tokens: Sequence[str] | None = None,
-    **kwargs,
+    *,
+    key_tokens: Sequence[str] | None = None,
+    title: str | None = None,
+    columns: int = 4,
+    panels: str | None = None,
 ) -> Path:
-    """Writes :func:`attention_figure` of ``weights`` to ``path`` as PNG and returns the path.
+    """Writes :func:`attention_figure` of ``weights`` to ``path`` and returns the path.
 
-    ``kwargs`` go to :func:`attention_figure` (``key_tokens``, ``title``, ``columns``).
+    The suffix picks the format (``.png``, ``.jpg``, ``.pdf``, ``.svg``, ...: see
+    :func:`image_formats`); a path without a suffix gets PNG. Missing parent folders are
+    created. The figure is drawn without pyplot and not kept. The other arguments are those of
+    :func:`attention_figure`.
+
+    Raises:
+        ValueError: a suffix matplotlib cannot write, or what :func:`attention_figure` raises.
+        ModuleNotFoundError: matplotlib is not installed (the ``plot`` extra).
     """
     path = Path(path)
+    image = image_format(path)
+    figure_module = _import_matplotlib("matplotlib.figure")
+    figure = _draw(figure_module.Figure, weights, tokens, key_tokens, title, columns, panels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    attention_figure(weights, tokens, **kwargs).savefig(path, format="png")
+    figure.savefig(path, format=image)
     return path

@@ -1,10 +1,16 @@
 """PNG plots of the result rows (see :mod:`multihead.benchmark.report`), drawn with matplotlib.
 
-- ``speedup.png``: torch time / ours time against L, one line per mode.
-- ``memory.png``: peak MiB a call adds against L, ours (solid) and torch (dashed), per mode.
+- ``speedup.png``: ours time / torch time against L, one line per mode (the ratio the tables
+  show: below 1, ours is faster).
+- ``memory.png``: peak MiB a call adds against L, ours (solid line, filled markers) and torch
+  (dashed line, hollow markers), per mode.
 
 Colour is the mode. Points are joined only within one ``(N, E, H)`` family, whose marker says
 which it is: a line from the seed shape to ``N1 E512`` would suggest a trend that is not there.
+Both axes of both plots are logarithmic, and their labels say so. Every plot, ``decode.png``
+too, carries a footer naming the machine, torch and the date (:func:`footer`).
+
+Needs matplotlib (the ``bench`` extra: ``pip install 'multihead[bench]'``).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 
 from .cases import MODES
 
+BENCH_EXTRA_HINT = "pip install 'multihead[bench]'"
 _COLORS = {"infer": "C0", "infer_weights": "C1", "train": "C2", "causal": "C3"}
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -41,12 +48,10 @@ def _series(
     return [length for length, _ in points], [value for _, value in points]
 
 
-def _draw(ax, rows, key, families, *, linestyle="-", invert=False) -> None:
+def _draw(ax, rows, key, families, *, linestyle="-") -> None:
     for mode in MODES:
         for family, marker in families.items():
             lengths, values = _series(rows, mode, family, key)
-            if invert:
-                values = [1.0 / value for value in values]
             if lengths:
                 ax.plot(
                     lengths,
@@ -76,7 +81,55 @@ def _tick_label(value: float, _: int) -> str:
     return f"{value:.0f}" if value >= 1 and value == round(value) else f"{value:.3g}"
 
 
-def _finish(fig, ax, path: Path, caption: str, y_base: int) -> None:
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (files only, no window).
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed; the message names the extra.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "matplotlib":
+            raise  # matplotlib is there but something it needs is not: its own message says what
+        raise ModuleNotFoundError(
+            f"the benchmark's plots need matplotlib, which is not installed: {BENCH_EXTRA_HINT}",
+            name="matplotlib",
+        ) from error
+    return plt
+
+
+def caption(machine: dict, setting: str = "") -> str:
+    """The footer text: CPU and cores, device (and GPU), torch, fp32, ``setting``, date.
+
+    Facts missing from ``machine`` are left out.
+    """
+    cpu = machine.get("cpu") or "unknown CPU"
+    if machine.get("cpu_count"):
+        cpu += f" ({machine['cpu_count']} cores)"
+    parts = [cpu]
+    if machine.get("device"):
+        gpu = machine.get("gpu")
+        parts.append(f"{machine['device']} {gpu}".strip() if gpu else machine["device"])
+    if machine.get("torch_version"):
+        parts.append(f"torch {machine['torch_version']}")
+    parts.append("fp32")
+    if setting:
+        parts.append(setting)
+    if machine.get("date"):
+        parts.append(str(machine["date"]))
+    return ", ".join(parts) + "."
+
+
+def footer(fig, text: str) -> None:
+    """Writes ``text`` under the plot, small (saved with ``bbox_inches="tight"`` it stays in)."""
+    fig.text(0.01, -0.01, textwrap.fill(text, 120), fontsize="x-small", va="top")
+
+
+def _finish(fig, ax, text: str, y_base: int) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     ax.set_xscale("log", base=2)
@@ -90,9 +143,59 @@ def _finish(fig, ax, path: Path, caption: str, y_base: int) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(_tick_label))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.grid(True, which="major", alpha=0.3)
-    fig.text(0.01, -0.01, textwrap.fill(caption, 120), fontsize="x-small", va="top")
+    footer(fig, text)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def speedup_figure(rows: Sequence[dict], machine: dict):
+    """The figure of ``speedup.png``: ours time / torch time against L (see the module)."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    rows = [row for row in rows if row.get("L")]
+    families = _families(rows)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    _draw(ax, rows, "ours_over_torch", families)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    ax.set_xlabel("sequence length L (log2 scale)")
+    ax.set_ylabel("ours/torch time (< 1: ours faster; log2 scale)")
+    ax.set_title("multihead time / torch.nn.MultiheadAttention time (median of per-round ratios)")
+    parity = Line2D([], [], color="black", linestyle="--", linewidth=1, label="parity (1)")
+    _legend(ax, rows, families, [parity])
+    _finish(fig, ax, caption(machine, "batch_first self-attention"), y_base=2)
+    return fig
+
+
+def memory_figure(rows: Sequence[dict], machine: dict):
+    """The figure of ``memory.png``: peak MiB one call adds against L, ours and torch."""
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    rows = [row for row in rows if row.get("L")]
+    families = _families(rows)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    _draw(ax, rows, "ours_mib", families)
+    _draw(ax, rows, "torch_mib", families, linestyle="--")
+    ax.set_xlabel("sequence length L (log2 scale)")
+    ax.set_ylabel("peak memory one call adds (MiB, log10 scale)")
+    ax.set_title("Peak memory per call: multihead vs torch.nn.MultiheadAttention")
+    styles = [
+        Line2D(
+            [], [], color="gray", linestyle="-", marker="o", label="ours: solid, filled markers"
+        ),
+        Line2D(
+            [],
+            [],
+            color="gray",
+            linestyle="--",
+            marker="o",
+            markerfacecolor="white",
+            label="torch: dashed, hollow markers",
+        ),
+    ]
+    _legend(ax, rows, families, styles)
+    _finish(fig, ax, caption(machine, "batch_first self-attention"), y_base=10)
+    return fig
 
 
 def write_plots(rows: Sequence[dict], machine: dict, out_dir: Path) -> list[Path]:
@@ -101,51 +204,21 @@ def write_plots(rows: Sequence[dict], machine: dict, out_dir: Path) -> list[Path
     Args:
         rows: result rows with ``mode``, ``N``, ``L``, ``E``, ``H`` and the timing / memory
             keys of :data:`multihead.benchmark.report.COLUMNS`.
-        machine: the machine facts (CPU, device and torch version go into the caption).
+        machine: the machine facts (CPU, device, torch version and date go into the footer).
         out_dir: the output directory.
 
     Returns:
         The paths written.
+
+    Raises:
+        ModuleNotFoundError: matplotlib is not installed; the message names the extra.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [row for row in rows if row.get("L")]
-    families = _families(rows)
-    caption = (
-        f"{machine.get('cpu')} ({machine.get('cpu_count')} cores), {machine.get('device')}, "
-        f"torch {machine.get('torch_version')}, fp32, batch_first self-attention, "
-        f"{machine.get('date')}."
-    )
-
-    speedup_path = out_dir / "speedup.png"
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    _draw(ax, rows, "ours_over_torch", families, invert=True)
-    ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
-    ax.set_xlabel("sequence length L (log2 scale)")
-    ax.set_ylabel("torch time / ours time (> 1: ours faster)")
-    ax.set_title("multihead speedup over torch.nn.MultiheadAttention")
-    parity = Line2D([], [], color="black", linestyle="--", linewidth=1, label="parity")
-    _legend(ax, rows, families, [parity])
-    _finish(fig, ax, speedup_path, caption, y_base=2)
-    plt.close(fig)
-
-    memory_path = out_dir / "memory.png"
-    fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    _draw(ax, rows, "ours_mib", families)
-    _draw(ax, rows, "torch_mib", families, linestyle="--")
-    ax.set_xlabel("sequence length L (log2 scale)")
-    ax.set_ylabel("peak memory one call adds (MiB, log scale)")
-    ax.set_title("Peak memory per call: multihead vs torch.nn.MultiheadAttention")
-    styles = [
-        Line2D([], [], color="gray", linestyle="-", label="ours"),
-        Line2D([], [], color="gray", linestyle="--", label="torch"),
-    ]
-    _legend(ax, rows, families, styles)
-    _finish(fig, ax, memory_path, caption, y_base=10)
-    plt.close(fig)
-    return [speedup_path, memory_path]
+    paths = []
+    for name, build in (("speedup.png", speedup_figure), ("memory.png", memory_figure)):
+        fig = build(rows, machine)
+        fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(out_dir / name)
+    return paths

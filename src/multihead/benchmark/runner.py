@@ -25,6 +25,7 @@ from .cases import (
     quick_grid,
     torch_skip_reason,
 )
+from .cli import LOCAL_OUT
 from .machine import gemm_gflops, machine_info
 from .onnx_runtime import ort_column
 from .plots import write_plots
@@ -43,7 +44,8 @@ class Options:
 
     Attributes:
         quick: the small grid and budget (about 2 minutes on 2 cores) instead of the full one.
-        out: output directory of the reports.
+        out: output directory of the reports (default ``benchmarks/local``, git-ignored;
+            ``benchmarks/results`` holds the published ones, see :mod:`.cli`).
         modes: modes to run, a subset of :data:`multihead.benchmark.cases.MODES`.
         memory: measure peak memory (a fresh interpreter per case and implementation).
         onnx: time the ONNX Runtime column where it applies.
@@ -53,7 +55,7 @@ class Options:
     """
 
     quick: bool = False
-    out: Path = Path("benchmarks/results")
+    out: Path = LOCAL_OUT
     modes: tuple[str, ...] = MODES
     memory: bool = True
     onnx: bool = True
