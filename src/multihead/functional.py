@@ -42,6 +42,7 @@ def attention_weights(
         TypeError, ValueError: as :func:`attention`.
     """
     check_attention_arguments(q, k, None, mask, softcap=softcap)
+    mask = _four_dims(mask)
     if is_causal and mask is not None:
         mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
         is_causal = False
@@ -131,9 +132,10 @@ def attention(
         k, v: ``(N, Hkv, S, D)``; Hkv divides H, and query head h reads key/value head
             h // (H / Hkv) (grouped-query attention; Hkv = 1 is multi-query).
         mask: additive float mask (0 = attend, -inf = masked, other values added to the
-            logits), broadcastable to ``(N, H, L, S)``, or None. Bool masks are refused: torch
-            gives them opposite meanings (SDPA: True = attend; MultiheadAttention: True =
-            masked); convert with :func:`multihead.masks.to_additive` (True = masked).
+            logits) of q's dtype, broadcastable to ``(N, H, L, S)``, or None. Bool masks are
+            refused: torch gives them opposite meanings (SDPA: True = attend;
+            MultiheadAttention: True = masked); convert with
+            :func:`multihead.masks.to_additive` (True = masked).
         is_causal: mask keys j > i (top-left aligned, as SDPA).
         dropout_p: dropout on the attention weights, in [0, 1]; pass 0.0 in eval.
         need_weights: also return the weights.
@@ -155,7 +157,7 @@ def attention(
         q,
         k,
         v,
-        mask,
+        _four_dims(mask),
         is_causal=is_causal,
         dropout_p=dropout_p,
         need_weights=need_weights,
@@ -228,6 +230,14 @@ def attention_core(
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
     return out, weights
+
+
+def _four_dims(mask: Tensor | None) -> Tensor | None:
+    """A mask broadcastable to ``(N, H, L, S)`` as a 4-D view (every kernel indexes dims -2 and
+    -1 of a 4-D mask; a 1-D ``(S,)`` mask would not index)."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def _select_empty(out: Tensor, empty: Tensor | None) -> Tensor:

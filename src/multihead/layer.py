@@ -354,9 +354,7 @@ class MultiheadAttention(nn.Module):
             # Under autocast the cache may hold another precision than this call computes in.
             k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
-        k, v = append_extra_keys(
-            k, v, self._bias(self.bias_k), self._bias(self.bias_v), self.add_zero_attn
-        )
+        k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         window = effective_window(self.window, query_len, key_len)  # None: hides nothing
         mask, causal = canonical_mask(
             key_padding_mask=key_padding_mask,

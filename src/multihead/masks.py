@@ -28,26 +28,34 @@ from .transforms import functional_autodiff
 def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Turns a bool (True = masked) or float (additive) mask into an additive mask of ``dtype``.
 
-    A float mask cast to a dtype of smaller range keeps its meaning: a row (the last dim, over
-    keys) holding finite values beyond that range is first shifted so that its largest finite
-    value is 0, which leaves the softmax unchanged; so a row of large finite values (-1e5 in a
-    float16 model, say) stays a row of equal logits instead of overflowing to -inf and becoming
-    an empty row. Values that still overflow after the shift lie so far below the row's maximum
-    that their weight is 0 anyway. Other rows are cast as given.
+    A float mask is cast as it is; :func:`canonical_mask` casts the sum of all constraints to a
+    narrower compute dtype with :func:`narrowed` instead, so that large finite values keep
+    their meaning.
     """
     if mask.dtype == torch.bool:
-        # A fresh tensor, so masked_fill_ below never touches the caller's mask.
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-            mask, float("-inf")
-        )
+        # Out of place (torch.where), so that a vmapped mask works and the caller's is untouched.
+        masked = torch.tensor(float("-inf"), dtype=dtype, device=mask.device)
+        return torch.where(mask, masked, torch.zeros((), dtype=dtype, device=mask.device))
+    return mask.to(dtype)
+
+
+def narrowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An additive mask cast to ``dtype``, keeping its meaning where ``dtype``'s range is smaller.
+
+    A row (the last dim, over keys; it must hold every constraint in force, so this runs on the
+    final sum) with finite values beyond ``dtype``'s range is first shifted so that its largest
+    finite value is 0, which leaves the softmax unchanged: a row of large finite values (-1e5 in
+    a float16 model, say) stays a row of equal logits instead of overflowing to -inf and
+    becoming an empty row. Values that still overflow after the shift lie so far below the
+    row's maximum that their weight is 0 anyway. Other rows are cast as given.
+    """
     limit = torch.finfo(dtype).max
     if torch.finfo(mask.dtype).max > limit:
         finite = torch.isfinite(mask)
         overflows = ((mask.detach().abs() > limit) & finite).any(dim=-1, keepdim=True)
         top = mask.detach().masked_fill(~finite, float("-inf")).amax(dim=-1, keepdim=True)
         # Only rows that would overflow move; a row with no finite value has nothing to shift.
-        shift = top.masked_fill(~(overflows & torch.isfinite(top)), 0.0)
-        mask = mask - shift
+        mask = mask - top.masked_fill(~(overflows & torch.isfinite(top)), 0.0)
     return mask.to(dtype)
 
 
@@ -159,27 +167,33 @@ def canonical_mask(
         if is_causal and attn_mask is None:
             return None, True
 
+    # The constraints are summed in the widest float dtype given (a float64 mask on a float32
+    # layer stays float64 until the end), then narrowed to the compute dtype in one place.
+    work = dtype
+    for given in (attn_mask, key_padding_mask):
+        if given is not None and given.is_floating_point():
+            work = torch.promote_types(work, given.dtype)
     mask: Tensor | None = None
     if attn_mask is not None:
-        mask = to_additive(attn_mask, dtype)
+        mask = to_additive(attn_mask, work)
         if mask.dim() == 3:
             mask = mask.view(batch_size, num_heads, query_len, key_len)  # (N, H, L, S)
     if key_padding_mask is not None:
-        padding = to_additive(key_padding_mask, dtype).view(batch_size, 1, 1, key_len)
+        padding = to_additive(key_padding_mask, work).view(batch_size, 1, 1, key_len)
         mask = padding if mask is None else mask + padding  # (N, 1 or H, L or 1, S)
     if is_causal or window is not None:
         query_positions = torch.arange(query_len, device=device) + query_offset
         key_positions = torch.arange(key_len, device=device)
         positional = to_additive(
-            position_mask(query_positions, key_positions, causal=is_causal, window=window), dtype
+            position_mask(query_positions, key_positions, causal=is_causal, window=window), work
         )  # (L, S)
         mask = positional if mask is None else mask + positional
     if segment_ids is not None:
-        segments = to_additive(segment_mask(segment_ids), dtype)  # (N, 1, L, S)
+        segments = to_additive(segment_mask(segment_ids), work)  # (N, 1, L, S)
         mask = segments if mask is None else mask + segments
     if mask is not None and extra_keys:
         mask = F.pad(mask, (0, extra_keys))  # (..., S + X); the extra slots stay attendable
-    return mask, False
+    return (None if mask is None else narrowed(mask, dtype)), False
 
 
 def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

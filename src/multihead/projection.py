@@ -108,6 +108,8 @@ def append_extra_keys(
     """
     batch, heads, _, head_dim = k.shape
     if bias_k is not None and bias_v is not None:
+        # In k's dtype: under autocast k is low precision while the parameters are not.
+        bias_k, bias_v = bias_k.to(k.dtype), bias_v.to(v.dtype)
         k = torch.cat([k, bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
         v = torch.cat([v, bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
     if add_zero_attn:

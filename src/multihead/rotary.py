@@ -21,8 +21,11 @@ def rotary_cos_sin(
     model may run in bf16, whose 8-bit mantissa cannot hold large angles.
     """
     work = torch.promote_types(torch.float32, dtype)
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=work)
-    inv_freq = 1.0 / (base ** (exponents / head_dim))  # (D / 2,)
+    # The frequencies as HF computes them, in the work dtype; a base beyond its range (which
+    # would become inf there, and every frequency but the first 0) goes through float64.
+    freq_dtype = work if base <= torch.finfo(work).max else torch.float64
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=freq_dtype)
+    inv_freq = (1.0 / (base ** (exponents / head_dim))).to(work)  # (D / 2,)
     angles = positions.to(work)[:, None] * inv_freq[None, :]  # (L, D / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (L, D)
     return angles.cos().to(dtype), angles.sin().to(dtype)

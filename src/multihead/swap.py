@@ -43,8 +43,31 @@ def _options(layer: nn.Module) -> dict:
 
 def _move_parameters(source: nn.Module, target: nn.Module) -> nn.Module:
     """Hands ``source``'s parameter objects to ``target`` (built on the meta device), strictly:
-    every key must match. Returns ``target`` in ``source``'s train/eval mode."""
-    target.load_state_dict(source.state_dict(keep_vars=True), strict=True, assign=True)
+    every key must match. Returns ``target`` in ``source``'s train/eval mode.
+
+    ``assign=True`` gives each moved Parameter the ``requires_grad`` of the target's (meta)
+    placeholder, in place, so a frozen parameter would silently become trainable, in the source
+    model too; each parameter's own flag is put back.
+
+    Raises:
+        ValueError: the state cannot move as it is (a pruned or weight-normed projection, an
+            extra buffer); nothing has changed then.
+    """
+    state = source.state_dict(keep_vars=True)
+    flags = {name: t.requires_grad for name, t in state.items()}
+    try:
+        target.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as error:
+        raise ValueError(
+            invalid(
+                "layer",
+                "a layer whose state_dict holds exactly its own parameters (no pruning or "
+                "weight-norm reparametrisation, no extra buffers)",
+                str(error).strip().splitlines()[-1].strip(),
+            )
+        ) from error
+    for name, tensor in target.state_dict(keep_vars=True).items():
+        tensor.requires_grad_(flags[name])
     return target.train(source.training)
 
 

@@ -20,6 +20,15 @@ def invalid(name: str, expected: str, received: object) -> str:
     return f"Invalid argument `{name}`: expected {expected}. Received: {received}."
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is on for ``device``'s type (False for types autocast does not
+    know, such as ``meta``, where torch's query raises)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def check_positive_int(name: str, value: object) -> int:
     """Returns ``value`` when it is an int > 0 (bool is not accepted)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -115,7 +124,7 @@ def check_inputs(
                 )
             )
     # Under autocast, torch's ops cast for themselves, so a mixed dtype is the user's intent.
-    autocast = torch.is_autocast_enabled(query.device.type)
+    autocast = autocast_enabled(query.device)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dtype != dtype and not autocast:
             raise TypeError(
@@ -148,7 +157,7 @@ def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype) -> None:
     inputs must; under autocast torch's ops cast for themselves. torch's layer fails deep in a
     matmul there ("self and mat2 must have the same dtype"); this names the parameter. Biases
     of another floating dtype are cast by the layer, as torch's layer adds them."""
-    if torch.is_autocast_enabled(layer.out_proj.weight.device.type):
+    if autocast_enabled(layer.out_proj.weight.device):
         return
     named = [
         ("in_proj_weight", layer.in_proj_weight),
@@ -341,8 +350,14 @@ def check_attention_arguments(
                     "a bool tensor",
                 )
             )
-        if not mask.is_floating_point():
-            raise TypeError(invalid("mask", "a floating-point additive mask", mask.dtype))
+        if mask.dtype != q.dtype or mask.device != q.device:
+            raise TypeError(
+                invalid(
+                    "mask",
+                    f"a floating-point additive mask of dtype {q.dtype} on {q.device} (as q)",
+                    f"{mask.dtype} on {mask.device}",
+                )
+            )
         scores = (n, heads, q_len, key_len)
         try:
             fits = mask.dim() <= 4 and torch.broadcast_shapes(mask.shape, scores) == scores
@@ -395,7 +410,7 @@ def check_extras(
                 )
             )
         layer_dtype = layer.out_proj.weight.dtype
-        if cache.k.dtype != layer_dtype and not torch.is_autocast_enabled(query.device.type):
+        if cache.k.dtype != layer_dtype and not autocast_enabled(query.device):
             raise ValueError(
                 invalid(
                     "cache",

@@ -11,19 +11,24 @@ the rest of the layer unfused. "fused" makes our plain layer report True for the
 as torch's layer does. Both run in one process, interleaved round by round; the ratio is
 declined / fused (above 1: declining is slower).
 
-Run: ``python -m multihead.benchmark.encoder``.
+Run: ``python -m multihead.benchmark.encoder [--out DIR]`` (writes encoder.md / .json).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import statistics
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import swap
 from ..layer import MultiheadAttention
+from .cli import LOCAL_OUT, PUBLISHED_OUT
+from .machine import gemm_gflops, machine_info
 from .timing import interleaved, median_ratio
 
 # (N, L, E, H, layers, padded): BERT-like batches, one short sequence and two long ones, with
@@ -107,10 +112,42 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, eval + no_grad")
-    print(markdown(run()))
+def write(rows: list[dict], out: Path) -> list[Path]:
+    """Writes ``encoder.json`` (rows and machine) and ``encoder.md`` (the table) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(torch.device("cpu"), gemm_gflops(torch.device("cpu")))
+    header = (
+        f"{machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"{machine['date']}; fp32, eval + no_grad; declined / fused below 1: declining is faster"
+    )
+    json_path, md_path = out / "encoder.json", out / "encoder.md"
+    json_path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    md_path.write_text(
+        f"# torch's fused encoder kernel against our layer declining it\n\n"
+        f"{header}\n\n{markdown(rows)}\n"
+    )
+    return [json_path, md_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m multihead.benchmark.encoder [--out DIR] [--budget SECONDS]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m multihead.benchmark.encoder",
+        description="Times a swapped nn.TransformerEncoder with torch's fused encoder kernel "
+        "against our layer declining it (the shipped choice).",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=LOCAL_OUT,
+        help=f"folder for encoder.md and encoder.json (default: {LOCAL_OUT}, git-ignored; "
+        f"{PUBLISHED_OUT} is what the README quotes)",
+    )
+    parser.add_argument("--budget", type=float, default=6.0, help="seconds of rounds per case")
+    args = parser.parse_args(argv)
+    rows = run(budget_s=args.budget)
+    print(markdown(rows))
+    print("wrote " + ", ".join(str(p) for p in write(rows, args.out)))
     return 0
 
 
