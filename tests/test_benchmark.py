@@ -392,3 +392,17 @@ def test_decode_summary_says_slower_when_ours_is_slower():
 
     assert _faster({"speedup": 14.3}) == "ours 14.3x faster"
     assert _faster({"speedup": 0.5}) == "ours 2.0x slower"
+
+
+def test_encoder_report_is_written(tmp_path, monkeypatch):
+    """python -m multihead.benchmark.encoder's files, from fake rows (no timing here)."""
+    from multihead.benchmark import encoder
+
+    monkeypatch.setattr(encoder, "gemm_gflops", lambda device: 1.0)
+    row = dict(N=2, L=8, E=16, H=4, layers=2, padded=True, fused_ms=2.0, declined_ms=1.0)
+    row.update(declined_over_fused=0.5, max_abs_difference=1e-7)
+    paths = encoder.write([row], tmp_path)
+    assert [p.name for p in paths] == ["encoder.json", "encoder.md"]
+    text = paths[1].read_text()
+    assert "| 2 | 8 | 16 | 4 | 2 | yes | 2.0 | 1.0 | 0.50 | 1.0e-07 |" in text
+    assert "torch threads" in text

@@ -180,7 +180,7 @@ class MultiheadAttention(nn.Module):
         the attention straight from ``in_proj_weight``, without calling forward. Always False
         here, so that kernel declines every one of our layers and our forward runs everywhere:
         our options and deliberate differences (fully masked rows, finite masks, is_causal)
-        hold in every path, at a measured cost of at most 13% and a gain of up to 2x (see the
+        hold in every path, at a measured cost of at most 15% and a gain of up to 2x (see the
         README, "Swapping into existing models"). Whether q, k and v share one packed weight
         is ``in_proj_weight is not None``."""
         return False

@@ -117,7 +117,8 @@ def write(rows: list[dict], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(torch.device("cpu"), gemm_gflops(torch.device("cpu")))
     header = (
-        f"{machine['cpu']}, {machine['threads']} torch threads, torch {machine['torch']}, "
+        f"{machine['cpu']}, {machine['torch_threads']} torch threads, "
+        f"torch {machine['torch_version']}, "
         f"{machine['date']}; fp32, eval + no_grad; declined / fused below 1: declining is faster"
     )
     json_path, md_path = out / "encoder.json", out / "encoder.md"
