@@ -277,3 +277,30 @@ def test_low_precision_error_is_at_most_twice_torchs(dtype, need_weights, traini
     if need_weights:
         assert w.dtype == dtype
         assert err(w, ref_w) <= 2 * err(t_w, ref_w) + eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("mask_shape", "is_causal"),  # the causal flag comes alone: attention() folds it otherwise
+    [(None, False), (None, True), ((5, 7), False), ((2, 1, 1, 7), False), ((2, 3, 5, 7), False)],
+)
+def test_double_backward_wrapper_runs_sdpas_own_kernels(dtype, mask_shape, is_causal):
+    """multihead.functional.sdpa (the SDPA path under autograd, made twice differentiable)
+    calls SDPA's CPU flash kernel and its backward directly where SDPA takes them: the output
+    and first gradients are SDPA's, bit for bit (the very same kernels on the same inputs)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 3, 4, generator=gen).transpose(1, 2).to(dtype)  # non-contiguous
+    k, v = (torch.randn(2, 3, 7, 4, generator=gen).to(dtype) for _ in range(2))
+    mask = None if mask_shape is None else torch.randn(mask_shape, generator=gen).to(dtype)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    theirs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = multihead.functional.sdpa(*ours, mask, dropout_p=0.0, is_causal=is_causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *theirs, attn_mask=mask, is_causal=is_causal
+    )
+    grad = torch.randn(out.shape, generator=gen).to(dtype)
+    assert torch.equal(out, ref)
+    for a, b in zip(
+        torch.autograd.grad(out, ours, grad), torch.autograd.grad(ref, theirs, grad), strict=True
+    ):
+        assert torch.equal(a, b)
