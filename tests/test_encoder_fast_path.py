@@ -2,7 +2,8 @@
 
 torch's encoder layer, in eval under no_grad, may run its fused kernel from the attention's
 ``in_proj_weight`` without calling the attention's forward. A layer whose options change the
-math must decline it (``_qkv_same_embed_dim`` is False for such layers), and torch's encoder
+math must decline it (a no-op forward pre-hook on every layer of ours is torch's signal to
+decline; ours decline it all, plain ones included, a measured choice), and torch's encoder
 may hand the attention a nested tensor (a padded batch without its padding), which our layer
 runs sequence by sequence.
 """
@@ -41,6 +42,13 @@ def encoder_layer(options: dict, seed: int = 0) -> nn.TransformerEncoderLayer:
     return layer.double().eval()
 
 
+def forbid_fused_kernel(monkeypatch) -> None:
+    def fused(*args, **kwargs):
+        raise AssertionError("torch's fused encoder kernel ran on our layer")
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", fused)
+
+
 def unfused(module: nn.Module, *args, **kwargs):
     """The module run with torch's fast path off: every attention through its forward."""
     previous = torch.backends.mha.get_fastpath_enabled()
@@ -52,9 +60,10 @@ def unfused(module: nn.Module, *args, **kwargs):
 
 
 @pytest.mark.parametrize("options", BEYOND_TORCH, ids=str)
-def test_layers_that_change_the_math_decline_the_fused_encoder_kernel(options):
+def test_layers_that_change_the_math_decline_the_fused_encoder_kernel(options, monkeypatch):
+    forbid_fused_kernel(monkeypatch)
     layer = encoder_layer(options)
-    assert layer.self_attn._qkv_same_embed_dim is False
+    assert layer.self_attn._qkv_same_embed_dim is True  # torch's meaning: packed weights
     x = torch.randn(3, 7, E, dtype=torch.float64)
     with torch.no_grad():
         out = layer(x)
@@ -70,9 +79,10 @@ def test_layers_that_change_the_math_decline_the_fused_encoder_kernel(options):
 
 
 @pytest.mark.parametrize("options", BEYOND_TORCH, ids=str)
-def test_whole_encoder_with_padding_declines_and_runs_nested_inputs(options):
+def test_whole_encoder_with_padding_declines_and_runs_nested_inputs(options, monkeypatch):
     """nn.TransformerEncoder turns a padded batch into a nested tensor (its use_nested_tensor
     was decided by torch's own layer at construction); our layer then gets nested inputs."""
+    forbid_fused_kernel(monkeypatch)
     torch.manual_seed(0)
     encoder = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True), num_layers=2
@@ -176,14 +186,14 @@ def test_nested_inputs_that_cannot_run_get_a_clear_error(call, name):
 
 
 @pytest.mark.parametrize("value", [-1e30, -3e38])
-def test_plain_swapped_encoder_keeps_finite_masks_finite(value):
+def test_plain_swapped_encoder_keeps_finite_masks_finite(value, monkeypatch):
     """A plain (torch-compatible) layer declines the fused kernel too: a row of a finite float
     mask that torch's fused kernel turns into NaN (measured with torch 2.13) stays finite, and
     equals what our forward gives with the fast path off."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, batch_first=True).eval()
     multihead.swap(layer)
-    assert layer.self_attn._qkv_same_embed_dim is False
+    forbid_fused_kernel(monkeypatch)
     x = torch.randn(2, 5, E)
     mask = torch.zeros(5, 5)
     mask[2] = value

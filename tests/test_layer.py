@@ -25,6 +25,7 @@ ATTRS = [
     "vdim",
     "num_heads",
     "head_dim",
+    "_qkv_same_embed_dim",
     "dropout",
     "batch_first",
     "add_zero_attn",
@@ -138,7 +139,8 @@ def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
             state["_qkv_same_embed_dim"] = stored
         old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
         old.__setstate__(state)
-        assert old._qkv_same_embed_dim is False and old.is_torch_compatible  # see the property
+        assert old._qkv_same_embed_dim is True and old.is_torch_compatible
+        assert len(old._forward_pre_hooks) == 1  # the hook that declines torch's fused kernel
         assert old.in_proj_weight is not None
         assert old.num_kv_heads == 2 and old.rope is False and old.softcap is None
 

@@ -193,7 +193,7 @@ def test_eval_fast_path_disabled_runs_our_layer(make, monkeypatch):
 @pytest.mark.parametrize("make", [encoder, nested_encoder, transformer])
 def test_eval_fast_path_declines_our_layers(make, monkeypatch):
     """With torch's fast path on, its fused encoder kernel declines our layers (their
-    ``_qkv_same_embed_dim`` is False): every attention runs our forward, once per layer call
+    no-op forward pre-hook says so): every attention runs our forward, once per layer call
     (a nested batch included), and the model agrees with the unswapped one, whose encoder runs
     torch's fused kernel, to the tolerance (different kernels: never bitwise)."""
     theirs, ours, inputs, kwargs = build(make, batch_first=True)
@@ -227,7 +227,7 @@ def test_from_torch_and_back_keep_options_parameters_and_numbers(options):
     assert not ours.training
     for name in ("embed_dim", "num_heads", "dropout", "kdim", "vdim", "batch_first"):
         assert getattr(ours, name) == getattr(theirs, name), name
-    assert (ours.in_proj_weight is not None) == theirs._qkv_same_embed_dim  # packed layout
+    assert ours._qkv_same_embed_dim == theirs._qkv_same_embed_dim
     ours_state, their_state = ours.state_dict(keep_vars=True), theirs.state_dict(keep_vars=True)
     assert list(ours_state) == list(their_state)
     assert all(ours_state[k] is their_state[k] for k in their_state)  # moved, not copied

@@ -46,6 +46,19 @@ from .validation import (
 )
 
 
+def _declines_fused_encoder_kernel(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook that changes nothing, registered on every layer of ours.
+
+    torch's ``nn.TransformerEncoderLayer`` (in eval, under no_grad) may skip its attention's
+    forward and run its fused ``torch._transformer_encoder_layer_fwd`` from
+    ``in_proj_weight``, which knows nothing of our options (RoPE, window, QK-norm, softcap,
+    GQA) nor of our deliberate differences; it declines whenever a module inside it has
+    forward hooks. This hook is that signal, so our forward runs everywhere (the choice was
+    measured: see the README, "Swapping into existing models").
+    """
+    return None
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with the constructor, parameters, state_dict and numbers of
     ``torch.nn.MultiheadAttention``.
@@ -104,6 +117,7 @@ class MultiheadAttention(nn.Module):
         softcap = check_softcap(softcap)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
+        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -175,15 +189,10 @@ class MultiheadAttention(nn.Module):
 
     @property
     def _qkv_same_embed_dim(self) -> bool:
-        """torch's attribute, which torch's ``nn.TransformerEncoderLayer`` /
-        ``nn.TransformerEncoder`` read to decide whether their fused inference kernel may run
-        the attention straight from ``in_proj_weight``, without calling forward. Always False
-        here, so that kernel declines every one of our layers and our forward runs everywhere:
-        our options and deliberate differences (fully masked rows, finite masks, is_causal)
-        hold in every path, at a measured cost of at most 15% and a gain of up to 2x (see the
-        README, "Swapping into existing models"). Whether q, k and v share one packed weight
-        is ``in_proj_weight is not None``."""
-        return False
+        """torch's attribute: q, k and v share one packed ``in_proj_weight`` (derived, so it
+        cannot go stale; code that reads it to pick the weights, torch's own tests included,
+        sees torch's meaning)."""
+        return self.in_proj_weight is not None
 
     def _reset_parameters(self) -> None:
         """Redraws the parameters in torch's order: xavier-uniform weights, zero biases,
@@ -218,6 +227,8 @@ class MultiheadAttention(nn.Module):
         ):
             if not hasattr(self, name):
                 setattr(self, name, default)
+        if _declines_fused_encoder_kernel not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_declines_fused_encoder_kernel)
 
     def forward(
         self,
