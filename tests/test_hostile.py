@@ -202,3 +202,114 @@ def test_copied_model_with_caches():
         twin.layer(x, x, x, cache=twin.cache)
         with pytest.raises(ValueError, match=r"`cache`.*another layer"):
             twin.layer(x, x, x, cache=holder.cache)
+
+
+LAYOUTS = {
+    "last dim transposed": lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2),
+    "heads last": lambda t: t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2),
+    "strided last dim": lambda t: torch.stack([t, t], -1).flatten(-2)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_twice_differentiable_sdpa_on_any_layout(layout, dtype):
+    """q, k, v whose last dim is not contiguous: SDPA itself does not take its flash kernel
+    there, and neither may our direct call of it (it read the wrong memory: errors of 1e34)."""
+    gen = torch.Generator().manual_seed(0)
+    make = LAYOUTS[layout]
+    q, k, v = (make(torch.randn(2, 3, 5, 4, generator=gen, dtype=dtype)) for _ in range(3))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [make(t.detach().clone()).requires_grad_() for t in (q, k, v)]
+    out, _ = multihead.attention(*ours)
+    expected = torch.nn.functional.scaled_dot_product_attention(*ref)
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out, expected, **tol)
+    for a, b in zip(
+        torch.autograd.grad(out, ours, grad), torch.autograd.grad(expected, ref, grad), strict=True
+    ):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_twice_differentiable_sdpa_respects_the_chosen_backend():
+    """Under sdpa_kernel(MATH) SDPA runs its math kernel; so does ours, bit for bit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=gen) for _ in range(3))
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = multihead.functional.sdpa(*ours, None, dropout_p=0.0, is_causal=False)
+        expected = torch.nn.functional.scaled_dot_product_attention(*ref)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_activation_checkpointing(need_weights):
+    """torch.utils.checkpoint (non-reentrant) unpacks each saved tensor once; the SDPA path's
+    backward read them twice and failed."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = multihead.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+
+    def f(x):
+        return layer(x, x, x, need_weights=need_weights)[0]
+
+    (grad,) = torch.autograd.grad(checkpoint(f, x, use_reentrant=False).sum(), x)
+    (expected,) = torch.autograd.grad(f(x).sum(), x)
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_refused_conversion_leaves_requires_grad_alone():
+    layer = nn.MultiheadAttention(8, 2)
+    layer.out_proj.requires_grad_(False)
+    layer.register_buffer("extra", torch.zeros(1))  # makes the strict load refuse
+    model = nn.Sequential(layer)
+    with pytest.raises(ValueError, match=r"`layer`"):
+        multihead.swap(model)
+    assert not layer.out_proj.weight.requires_grad and not layer.out_proj.bias.requires_grad
+    assert layer.in_proj_weight.requires_grad
+
+
+def test_the_declining_hook_survives_a_pickle_and_a_users_hooks(tmp_path):
+    """Saved by one fresh process and loaded by another, hook handles are numbered alike: our
+    hook is registered afresh on load, so a user's hook (added, then removed) never takes its
+    key and removes it with itself."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "layer.pt")
+    save = f"import torch, multihead; torch.save(multihead.MultiheadAttention(8, 2), {path!r})"
+    load = f"""
+import torch, multihead
+from multihead.layer import _declines_fused_encoder_kernel as hook
+layer = torch.load({path!r}, weights_only=False)
+handle = layer.register_forward_pre_hook(lambda m, a: None)
+handle.remove()
+assert list(layer._forward_pre_hooks.values()) == [hook], layer._forward_pre_hooks
+"""
+    for script in (save, load):
+        subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_nested_inputs_must_hold_2d_sequences():
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 4, 8)])
+    with pytest.raises(ValueError, match=r"`query`.*\(N, \*, E\)"):
+        layer(x, x, x)
+
+
+@pytest.mark.parametrize("value", [-3e38, -1e39, -1e300])
+def test_nearly_equal_wide_masks_give_nearly_equal_results(value):
+    """A float64 row of one large constant on a float32 layer adds nothing, whether or not the
+    constant fits float32 (it was uniform for -3e38 and softmax(logits) for -1e39)."""
+    torch.manual_seed(0)
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 5, 8)
+    _, weights = layer(x, x, x, attn_mask=torch.full((5, 5), value, dtype=F64))
+    _, plain = layer(x, x, x)
+    torch.testing.assert_close(weights, plain, atol=1e-6, rtol=1e-6)

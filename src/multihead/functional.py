@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
@@ -42,10 +43,7 @@ def attention_weights(
         TypeError, ValueError: as :func:`attention`.
     """
     check_attention_arguments(q, k, None, mask, softcap=softcap)
-    mask = _four_dims(mask)
-    if is_causal and mask is not None:
-        mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
-        is_causal = False
+    mask, is_causal = _fold_causal(q, k, _four_dims(mask), is_causal)
     mask, empty = split_empty_rows(mask)
     return block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
 
@@ -185,11 +183,7 @@ def attention_core(
     window and segment masks always leave a query its own position), which saves the search
     for empty rows: a per-token cost when decoding.
     """
-    if is_causal and mask is not None:
-        # One constraint form per call: the kernel's causal flag only ever comes alone, so that
-        # rows emptied by causal and mask together are found by split_empty_rows.
-        mask = mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device)
-        is_causal = False
+    mask, is_causal = _fold_causal(q, k, mask, is_causal)
     mask, empty = split_empty_rows(mask) if may_mask_whole_rows else (mask, None)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mask)
@@ -230,6 +224,17 @@ def attention_core(
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
     return out, weights
+
+
+def _fold_causal(
+    q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool
+) -> tuple[Tensor | None, bool]:
+    """One constraint form per call: the kernels' causal flag only ever comes alone; with a
+    mask, causality joins the mask, so that rows emptied by the two together are found by
+    split_empty_rows."""
+    if is_causal and mask is not None:
+        return mask + causal_mask(q.shape[-2], k.shape[-2], mask.dtype, mask.device), False
+    return mask, is_causal
 
 
 def _four_dims(mask: Tensor | None) -> Tensor | None:
@@ -277,18 +282,17 @@ _FLASH_CPU_BACKWARD = getattr(
 )
 
 
-def _direct_flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
-    """Whether SDPA would run its CPU flash kernel on these (a CPU float, one head per
-    key/value head, one head dim, a mask of q's dtype), so calling it directly is the same."""
-    return (
-        _FLASH_CPU is not None
-        and _FLASH_CPU_BACKWARD is not None
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.float64, torch.bfloat16)
-        and k.shape[1] == q.shape[1]
-        and v.shape[-1] == q.shape[-1]
-        and (mask is None or mask.dtype == q.dtype)
-    )
+def _direct_flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> bool:
+    """Whether SDPA itself would run its CPU flash kernel here, so that calling the kernel
+    directly computes exactly what SDPA computes: torch's own choice (``_fused_sdp_choice``,
+    which checks strides, dtypes and the backends allowed by ``sdpa_kernel``), for one head
+    per key/value head."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None or choose is None:
+        return False
+    if q.device.type != "cpu" or k.shape[1] != q.shape[1]:
+        return False
+    return choose(q, k, v, mask, 0.0, is_causal) == int(SDPBackend.FLASH_ATTENTION)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -305,7 +309,7 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool):
         ctx.mask, ctx.is_causal = mask, is_causal
-        ctx.direct = _direct_flash(q, k, v, mask)
+        ctx.direct = _direct_flash(q, k, v, mask, is_causal)
         if ctx.direct:
             out, logsumexp = _FLASH_CPU(q, k, v, 0.0, is_causal, attn_mask=mask)
             ctx.save_for_backward(q, k, v, out, logsumexp)
@@ -320,12 +324,13 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         needed = ctx.needs_input_grad[:3]
-        q, k, v = ctx.saved_tensors[:3]
+        saved = ctx.saved_tensors  # once: checkpointing lets each be unpacked only once
+        q, k, v = saved[:3]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             probs = block_probabilities(q, k, ctx.mask, is_causal=ctx.is_causal)
             inputs, out = (q, k, v), weighted_values(probs, v)
         elif ctx.direct:
-            out, logsumexp = ctx.saved_tensors[3:]
+            out, logsumexp = saved[3:]
             grads = _FLASH_CPU_BACKWARD(
                 grad_out.contiguous(),
                 q,

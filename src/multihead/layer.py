@@ -66,7 +66,7 @@ class MultiheadAttention(nn.Module):
     Args:
         embed_dim: E, the model width; must be divisible by ``num_heads``.
         num_heads: H, the number of heads; each has D = E / H dims.
-        dropout: dropout probability on the attention weights in training, in [0, 1).
+        dropout: dropout probability on the attention weights in training, in [0, 1].
         bias: add biases to the input and output projections.
         add_bias_kv: append a learnt key and value slot ``(1, 1, E)`` to every sequence.
         add_zero_attn: append an all-zero key and value slot to every sequence.
@@ -227,8 +227,12 @@ class MultiheadAttention(nn.Module):
         ):
             if not hasattr(self, name):
                 setattr(self, name, default)
-        if _declines_fused_encoder_kernel not in self._forward_pre_hooks.values():
-            self.register_forward_pre_hook(_declines_fused_encoder_kernel)
+        # Registered afresh, never kept under its pickled key: a new process numbers hook
+        # handles from 0 again, and a user's next hook would take that key and replace it.
+        for key, hook in list(self._forward_pre_hooks.items()):
+            if hook is _declines_fused_encoder_kernel:
+                del self._forward_pre_hooks[key]
+        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
 
     def forward(
         self,
@@ -443,6 +447,11 @@ class MultiheadAttention(nn.Module):
                     "a nested tensor for a layer with batch_first=False",
                 )
             )
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.dim() != 3:
+                raise ValueError(
+                    invalid(name, "a nested tensor (N, *, E) of 2-D sequences", f"{x.dim()}-D")
+                )
         for name, given in (
             ("key_padding_mask", key_padding_mask),
             ("attn_mask", attn_mask),
@@ -493,7 +502,9 @@ class MultiheadAttention(nn.Module):
         self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
     ) -> tuple[Tensor | None, int | None]:
         """torch's mask merger, which torch's ``TransformerEncoderLayer`` inference fast path
-        calls on its ``self_attn``: attn_mask ``(L, L)`` or ``(N * H, L, L)`` and
+        calls on its ``self_attn`` (kept for API compatibility: that path declines our layers,
+        but code written against torch's layer may call it): attn_mask ``(L, L)`` or
+        ``(N * H, L, L)`` and
         key_padding_mask ``(N, L)`` -> ``(merged, mask_type)``, where mask_type is 1 for the
         padding mask alone and 2 for a ``(N, H, L, L)`` sum; ``(None, None)`` without masks."""
         if attn_mask is None:

@@ -42,20 +42,20 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def narrowed(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """An additive mask cast to ``dtype``, keeping its meaning where ``dtype``'s range is smaller.
 
-    A row (the last dim, over keys; it must hold every constraint in force, so this runs on the
-    final sum) with finite values beyond ``dtype``'s range is first shifted so that its largest
-    finite value is 0, which leaves the softmax unchanged: a row of large finite values (-1e5 in
-    a float16 model, say) stays a row of equal logits instead of overflowing to -inf and
-    becoming an empty row. Values that still overflow after the shift lie so far below the
-    row's maximum that their weight is 0 anyway. Other rows are cast as given.
+    Every row (the last dim, over keys; it must hold every constraint in force, so this runs
+    on the final sum) is first shifted so that its largest finite value is 0, which leaves the
+    softmax unchanged, then cast. So a row of one large constant (-1e39, or -1e5 in a float16
+    model) adds nothing, as in the formula, instead of overflowing to -inf and becoming an
+    empty row; values that still overflow after the shift lie so far below the row's maximum
+    that their weight is 0 anyway. Every row moves, not only those that would overflow, so
+    that nearly equal masks give nearly equal results. The shift is a constant per row, so the
+    mask's gradient is unchanged (it is detached). A cast to a dtype of the same or a larger
+    range is a plain cast.
     """
-    limit = torch.finfo(dtype).max
-    if torch.finfo(mask.dtype).max > limit:
+    if torch.finfo(mask.dtype).max > torch.finfo(dtype).max:
         finite = torch.isfinite(mask)
-        overflows = ((mask.detach().abs() > limit) & finite).any(dim=-1, keepdim=True)
         top = mask.detach().masked_fill(~finite, float("-inf")).amax(dim=-1, keepdim=True)
-        # Only rows that would overflow move; a row with no finite value has nothing to shift.
-        mask = mask - top.masked_fill(~(overflows & torch.isfinite(top)), 0.0)
+        mask = mask - top.masked_fill(~torch.isfinite(top), 0.0)  # rows with no finite value
     return mask.to(dtype)
 
 

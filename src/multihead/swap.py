@@ -5,11 +5,9 @@ weights, device, dtype, ``requires_grad``, weight tying and an optimizer that al
 parameters all carry over, and the global random generator is left where it was.
 
 torch's ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) has an inference fast
-path (eval mode, no autograd, ``batch_first``, even head count, ...) that never calls its
-attention's ``forward``: it reads ``in_proj_weight``, ``out_proj`` etc. and runs torch's fused
-``torch._transformer_encoder_layer_fwd`` kernel. After :func:`swap` that kernel runs on our
-layer's parameters, so there the numbers are torch's, not our code's. Turn it off with
-``torch.backends.mha.set_fastpath_enabled(False)`` to run our layer everywhere.
+path that never calls its attention's ``forward``; our layers decline it (see
+:func:`multihead.layer._declines_fused_encoder_kernel`), so after :func:`swap` our forward runs
+everywhere.
 """
 
 from __future__ import annotations
@@ -66,8 +64,9 @@ def _move_parameters(source: nn.Module, target: nn.Module) -> nn.Module:
                 str(error).strip().splitlines()[-1].strip(),
             )
         ) from error
-    for name, tensor in target.state_dict(keep_vars=True).items():
-        tensor.requires_grad_(flags[name])
+    finally:  # a refused load has already flipped some flags on the source's own tensors
+        for name, tensor in state.items():
+            tensor.requires_grad_(flags[name])
     return target.train(source.training)
 
 
