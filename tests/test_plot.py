@@ -102,7 +102,7 @@ def test_rejects_shapes_it_cannot_draw(shape, message):
 
 
 def test_rejects_label_counts_that_do_not_match():
-    with pytest.raises(ValueError, match=r"Invalid argument `query_tokens`: expected 3 labels"):
+    with pytest.raises(ValueError, match=r"Invalid argument `tokens`: expected 3 labels"):
         plot.attention_figure(torch.rand(3, 3), ["a", "b"])
     with pytest.raises(ValueError, match=r"Invalid argument `key_tokens`: expected 4 labels"):
         plot.attention_figure(torch.rand(3, 4), ["a", "b", "c"], key_tokens=["x"])
@@ -182,3 +182,50 @@ def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
         plot.save_attention(torch.rand(3, 3), tmp_path / "map.png")
     with pytest.raises(ModuleNotFoundError, match=hint):
         plot.image_formats()
+
+
+def test_dollar_signs_are_plain_text(tmp_path):
+    """Tokens and titles are drawn as text: "$" is not TeX (an unbalanced one raised, a pair
+    turned words into math italics)."""
+    path = multihead.plot.save_attention(
+        torch.rand(3, 3), tmp_path / "m.png", ["$x^$", "costs $5", "and $10"], title="a $x^$ b"
+    )
+    assert path.exists()
+
+
+def test_non_finite_weights_keep_the_colour_scale(tmp_path):
+    """The scale runs from 0 to the largest finite weight; NaN / inf cells are drawn in the
+    'bad' colour instead of making the whole scale meaningless."""
+    weights = torch.rand(4, 4)
+    weights[1, 2], weights[2, 1] = float("nan"), float("inf")
+    figure = multihead.plot.attention_figure(weights)
+    image = figure.axes[0].images[0]
+    finite = weights[torch.isfinite(weights)]
+    assert image.norm.vmin == 0.0 and image.norm.vmax == pytest.approx(float(finite.max()))
+    zeros = multihead.plot.attention_figure(torch.zeros(3, 3))  # fully masked rows
+    assert zeros.axes[0].images[0].norm.vmax == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(tokens="abcd"), TypeError, r"`tokens`: expected a sequence of labels"),
+        (dict(tokens=["a"]), ValueError, r"`tokens`: expected 4 labels"),
+        (dict(key_tokens=["a"]), ValueError, r"`key_tokens`: expected 4 labels"),
+        (dict(columns="2"), TypeError, r"`columns`: expected a positive int"),
+    ],
+)
+def test_plot_arguments_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        multihead.plot.attention_figure(torch.rand(4, 4), **kwargs)
+
+
+def test_tokens_may_be_any_iterable():
+    figure = multihead.plot.attention_figure(torch.rand(4, 4), tokens=(t for t in "abcd"))
+    labels = [label.get_text() for label in figure.axes[0].get_yticklabels()]
+    assert labels == list("abcd")
+
+
+def test_an_empty_batch_of_maps_is_refused():
+    with pytest.raises(ValueError, match=r"`weights`: expected a non-empty"):
+        multihead.plot.attention_figure(torch.rand(0, 2, 3, 3))

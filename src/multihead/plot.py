@@ -86,6 +86,10 @@ def image_format(path: str | Path, name: str = "path") -> str:
     return suffix
 
 
+# Labels and titles are plain text: a token or sentence with "$" is not TeX math.
+_PLAIN = {"parse_math": False}
+
+
 def _side(query_len: int, key_len: int) -> float:
     """Inches along the longer side of one map."""
     return min(_MAX_SIDE, max(_MIN_SIDE, _CELL * max(query_len, key_len)))
@@ -108,7 +112,12 @@ def _as_maps(weights: Tensor, panels: str | None = None) -> tuple[Tensor, str | 
         )
     shape = tuple(weights.shape)
     w = weights.detach().to("cpu", torch.float32)
-    if w.dim() == 4 and w.shape[0] > 1 and w.numel():
+    if w.numel() == 0:
+        raise ValueError(
+            "Invalid argument `weights`: expected a non-empty (L, S), (P, L, S) or (1, H, L, S) "
+            f"tensor. Received: shape {shape}."
+        )
+    if w.dim() == 4 and w.shape[0] > 1:
         raise ValueError(
             f"Invalid argument `weights`: expected one sequence's maps, but the leading batch "
             f"dimension holds {shape[0]} items. Pass one item: weights[i : i + 1], or "
@@ -135,16 +144,37 @@ def _as_maps(weights: Tensor, panels: str | None = None) -> tuple[Tensor, str | 
     return w, (panels.strip() if w.shape[0] > 1 else None)
 
 
-def _labels(name: str, labels: Sequence[str] | None, size: int, axis: str) -> list[str] | None:
+def _token_list(name: str, labels: Sequence[str] | None) -> list[str] | None:
+    """Labels as a list of strings, taken once (a generator or an array works; a bare string
+    would be split into characters, so it is refused)."""
     if labels is None:
         return None
-    labels = [str(label) for label in labels]
+    if isinstance(labels, str):
+        raise TypeError(
+            f"Invalid argument `{name}`: expected a sequence of labels, one per token. "
+            f"Received: the string {labels!r}."
+        )
+    return [str(label) for label in labels]
+
+
+def _labels(name: str, labels: Sequence[str] | None, size: int, axis: str) -> list[str] | None:
+    labels = _token_list(name, labels)
+    if labels is None:
+        return None
     if len(labels) != size:
         raise ValueError(
             f"Invalid argument `{name}`: expected {size} labels ({axis}). "
             f"Received: {len(labels)} labels."
         )
     return labels
+
+
+def _scale_top(w: Tensor) -> float:
+    """The colour scale's top: the largest finite weight (NaN or inf cells would make the scale
+    meaningless), or 1 when there is none above 0 (an all-zero map: fully masked rows)."""
+    finite = w[torch.isfinite(w)]
+    top = float(finite.max()) if finite.numel() else 0.0
+    return top if top > 0 else 1.0
 
 
 def heatmap(
@@ -162,7 +192,8 @@ def heatmap(
         ax: a matplotlib Axes.
         weights: ``(L, S)``.
         query_tokens, key_tokens: L row labels and S column labels, or None for indices.
-        vmax: top of the colour scale (default the map's maximum); the bottom is 0.
+        vmax: top of the colour scale (default the map's largest finite value); the bottom is
+            0. Non-finite weights (NaN, inf) are drawn in red, outside the scale.
         title: drawn above the map.
     """
     w, _ = _as_maps(weights, "map")
@@ -175,11 +206,12 @@ def heatmap(
     query_len, key_len = w.shape
     rows = _labels("query_tokens", query_tokens, query_len, "one per query, L")
     cols = _labels("key_tokens", key_tokens, key_len, "one per key, S")
+    cmap = _import_matplotlib().colormaps["viridis"].with_extremes(bad="red")
     image = ax.imshow(
-        w.numpy(),
-        cmap="viridis",
+        w.masked_fill(~torch.isfinite(w), float("nan")).numpy(),  # non-finite: the bad colour
+        cmap=cmap,
         vmin=0.0,
-        vmax=float(w.max()) if vmax is None else vmax,
+        vmax=_scale_top(w) if vmax is None else vmax,
         aspect="equal",
         interpolation="nearest",
     )
@@ -189,12 +221,14 @@ def heatmap(
     step = math.ceil(_MIN_FONT / fontsize) if fontsize < _MIN_FONT else 1
     fontsize = max(fontsize, _MIN_FONT)
     if rows is not None:
-        ax.set_yticks(range(0, query_len, step), rows[::step], fontsize=fontsize)
+        ax.set_yticks(range(0, query_len, step), rows[::step], fontsize=fontsize, **_PLAIN)
     if cols is not None:
-        ax.set_xticks(range(0, key_len, step), cols[::step], fontsize=fontsize, rotation=90)
+        ax.set_xticks(
+            range(0, key_len, step), cols[::step], fontsize=fontsize, rotation=90, **_PLAIN
+        )
     ax.tick_params(length=0, labelsize=fontsize)
     if title:
-        ax.set_title(title, fontsize=fontsize + 1)
+        ax.set_title(title, fontsize=fontsize + 1, **_PLAIN)
     return image
 
 
@@ -240,9 +274,17 @@ def attention_figure(
 def _draw(new_figure, weights, tokens, key_tokens, title, columns, panels) -> Figure:
     """Draws :func:`attention_figure` on a figure from ``new_figure(figsize=..., ...)``."""
     w, panels = _as_maps(weights, panels)
+    tokens, key_tokens = _token_list("tokens", tokens), _token_list("key_tokens", key_tokens)
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise TypeError(
+            f"Invalid argument `columns`: expected a positive int. Received: {columns!r}."
+        )
     count, query_len, key_len = w.shape
     if key_tokens is None and tokens is not None and query_len == key_len:
         key_tokens = tokens
+    # Checked here under the names this function takes (heatmap's are query_/key_tokens).
+    tokens = _labels("tokens", tokens, query_len, "one per query, L")
+    key_tokens = _labels("key_tokens", key_tokens, key_len, "one per key, S")
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
     side = _side(query_len, key_len)
@@ -251,7 +293,7 @@ def _draw(new_figure, weights, tokens, key_tokens, title, columns, panels) -> Fi
     height = rows * side * query_len / max(query_len, key_len) + 1.0 + (1.0 if tokens else 0)
     figure = new_figure(figsize=(width, height), layout="constrained", dpi=120)
     axes = figure.subplots(rows, columns, squeeze=False)
-    vmax = float(w.max())
+    vmax = _scale_top(w)
     for index, ax in enumerate(axes.flat):
         if index >= count:
             ax.set_axis_off()
@@ -271,7 +313,7 @@ def _draw(new_figure, weights, tokens, key_tokens, title, columns, panels) -> Fi
     colorbar = figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     colorbar.set_label("attention weight")
     if title:
-        figure.suptitle(title)
+        figure.suptitle(title, **_PLAIN)
     return figure
 
 

@@ -94,6 +94,15 @@ def layer_count() -> int:
 
 def _out_problem(path: Path) -> str | None:
     """Why ``path`` cannot be written as an image, or None. Creates and changes nothing."""
+    if not str(path).strip() or path == Path("."):
+        return "expected a file name such as 'attention.png'; received an empty path"
+    try:
+        return _out_path_problem(path)
+    except OSError as error:  # a name too long, a folder we may not look into, ...
+        return f"cannot write {str(path)!r}: {error.strerror or error}"
+
+
+def _out_path_problem(path: Path) -> str | None:
     from .plot import image_formats
 
     formats = image_formats()
@@ -159,7 +168,10 @@ def main(args: argparse.Namespace) -> int:
         path = save_attention(maps[layer], args.out, tokens, title=title, panels="head")
     except OSError as error:  # checked above, but the disk may have changed since
         return _refuse(f"cannot write {str(args.out)!r}: {error.strerror or error}", 1)
-    print(f"layer {layer} of {layers}, {maps.shape[1]} heads, {len(tokens)} tokens -> {path}")
+    truncation = getattr(getattr(model, "tokenizer", None), "truncation", None)
+    limit = truncation["max_length"] if truncation else None
+    cut = f" (cut to {MODEL}'s limit of {limit})" if len(tokens) == limit else ""
+    print(f"layer {layer} of {layers}, {maps.shape[1]} heads, {len(tokens)} tokens{cut} -> {path}")
     print("each token -> the token it attends to most:")
     for head, pairs in enumerate(most_attended(maps[layer], tokens)):
         print(f"head {head:2d}: " + "  ".join(f"{a}->{b}" for a, b in pairs))

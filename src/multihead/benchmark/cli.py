@@ -33,7 +33,7 @@ def _modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _budget(text: str) -> float:
+def positive_seconds(text: str) -> float:
     try:
         seconds = float(text)
     except ValueError:
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--budget",
-        type=_budget,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="seconds of timed rounds per case (default: 8, or 1.5 with --quick)",
@@ -100,6 +100,16 @@ def output_dir(args: argparse.Namespace) -> tuple[Path | None, str | None]:
     Checked before anything runs: a full benchmark takes many minutes, and a path it cannot
     write must not end it. Creates and changes nothing.
     """
+    try:
+        return _output_dir(args)
+    except OSError as error:  # a name too long, a folder we may not look into, ...
+        flag = "--publish" if args.publish else "--out"
+        return None, f"argument {flag}: {error.strerror or error}"
+
+
+def _output_dir(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    if args.out is not None and not str(args.out).strip():
+        return None, "argument --out: expected a directory; received an empty path"
     if args.publish:
         partial = [
             flag
@@ -109,6 +119,8 @@ def output_dir(args: argparse.Namespace) -> tuple[Path | None, str | None]:
                 ("--no-memory", args.no_memory),
                 ("--no-onnx", args.no_onnx),
                 ("--no-decode", args.no_decode),
+                ("--budget", args.budget is not None),
+                ("--device", args.device != "cpu"),
             )
             if given
         ]
@@ -117,9 +129,10 @@ def output_dir(args: argparse.Namespace) -> tuple[Path | None, str | None]:
                 f"argument --publish: replaces the README's results, so it needs the full run; "
                 f"drop {', '.join(partial)} (or write elsewhere with --out DIR)"
             )
-        if not PUBLISHED_OUT.is_dir():
+        if not (PUBLISHED_OUT.is_dir() and Path("src/multihead/__init__.py").is_file()):
             return None, (
-                f"argument --publish: no {PUBLISHED_OUT}/ here; run it from the repository's root"
+                f"argument --publish: no {PUBLISHED_OUT}/ of multihead's repository here; run "
+                "it from the repository's root"
             )
     out = PUBLISHED_OUT if args.publish else (args.out if args.out is not None else LOCAL_OUT)
     flag = "--publish" if args.publish else "--out"

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import swap
 from ..layer import MultiheadAttention, _declines_fused_encoder_kernel
-from .cli import LOCAL_OUT, PUBLISHED_OUT
+from .cli import LOCAL_OUT, PUBLISHED_OUT, output_dir, positive_seconds
 from .machine import gemm_gflops, machine_info
 from .timing import interleaved, median_ratio
 
@@ -150,11 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         help=f"folder for encoder.md and encoder.json (default: {LOCAL_OUT}, git-ignored; "
         f"{PUBLISHED_OUT} is what the README quotes)",
     )
-    parser.add_argument("--budget", type=float, default=6.0, help="seconds of rounds per case")
+    parser.add_argument(
+        "--budget", type=positive_seconds, default=6.0, help="seconds of rounds per case"
+    )
     args = parser.parse_args(argv)
+    # The folder is checked before the minutes of timing, as the bench command does.
+    out, problem = output_dir(argparse.Namespace(out=args.out, publish=False))
+    if problem is not None:
+        parser.error(problem)
     rows = run(budget_s=args.budget)
     print(markdown(rows))
-    print("wrote " + ", ".join(str(p) for p in write(rows, args.out)))
+    print("wrote " + ", ".join(str(p) for p in write(rows, out)))
     return 0
 
 
