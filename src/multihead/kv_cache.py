@@ -69,8 +69,10 @@ class KVCache(nn.Module):
         return owner is None or owner is layer
 
     def claim(self, layer: nn.Module) -> None:
-        """Makes ``layer`` the owner (the caller has checked :meth:`owned_by`)."""
-        self._owner = weakref.ref(layer)
+        """Makes ``layer`` the owner when the cache has none (the caller has checked
+        :meth:`owned_by`); a no-op on every later step."""
+        if self._owner is None or self._owner() is None:
+            self._owner = weakref.ref(layer)
 
     def update(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor]:
         """Writes ``(N, Hkv, T, D)`` new keys and values at the fill level and advances it.
@@ -88,8 +90,10 @@ class KVCache(nn.Module):
             # there, so the buffers become ordinary tensors (one copy, once).
             self.k, self.v, self.position = self.k.clone(), self.v.clone(), self.position.clone()
         slots = self.position + torch.arange(k_new.shape[2], device=self.position.device)
-        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
+        if k_new.dtype != self.k.dtype:  # under autocast: stored in the cache's precision
+            k_new, v_new = k_new.to(self.k.dtype), v_new.to(self.v.dtype)
+        self.k.index_copy_(2, slots, k_new)
+        self.v.index_copy_(2, slots, v_new)
         self.position += k_new.shape[2]
         return self.k, self.v
 

@@ -30,6 +30,7 @@ from .projection import (
 )
 from .rotary import apply_rotary, rotary_cos_sin
 from .validation import (
+    autocast_enabled,
     check_dropout,
     check_extras,
     check_heads,
@@ -321,6 +322,8 @@ class MultiheadAttention(nn.Module):
         segment_ids: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """forward for ordinary (non-nested) tensors."""
+        # Once per call: every check below needs it.
+        autocast = isinstance(query, Tensor) and autocast_enabled(query.device)
         is_batched = check_inputs(
             query,
             key,
@@ -330,8 +333,9 @@ class MultiheadAttention(nn.Module):
             vdim=self.vdim,
             dtype=self.out_proj.weight.dtype,
             batch_first=self.batch_first,
+            autocast=autocast,
         )
-        check_parameter_dtypes(self, self.out_proj.weight.dtype)
+        check_parameter_dtypes(self, self.out_proj.weight.dtype, autocast)
         seq_dim = 1 if (self.batch_first and is_batched) else 0
         batch_size = query.shape[1 - seq_dim] if is_batched else 1
         query_len, key_len = query.shape[seq_dim], key.shape[seq_dim]
@@ -355,6 +359,7 @@ class MultiheadAttention(nn.Module):
             key_len=key_len,
             has_masks=key_padding_mask is not None or attn_mask is not None,
             inputs=(query, key, value),
+            autocast=autocast,
         )
 
         q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H*, *, D)
@@ -367,7 +372,8 @@ class MultiheadAttention(nn.Module):
             cache.claim(self)
             k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
             # Under autocast the cache may hold another precision than this call computes in.
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         window = effective_window(self.window, query_len, key_len)  # None: hides nothing

@@ -33,9 +33,9 @@ def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     their meaning.
     """
     if mask.dtype == torch.bool:
-        # Out of place (torch.where), so that a vmapped mask works and the caller's is untouched.
-        masked = torch.tensor(float("-inf"), dtype=dtype, device=mask.device)
-        return torch.where(mask, masked, torch.zeros((), dtype=dtype, device=mask.device))
+        # Out of place, so that a vmapped mask works and the caller's is untouched.
+        zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return zeros.masked_fill(mask, float("-inf"))
     return mask.to(dtype)
 
 

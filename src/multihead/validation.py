@@ -89,8 +89,10 @@ def check_inputs(
     vdim: int,
     dtype: torch.dtype,
     batch_first: bool,
+    autocast: bool,
 ) -> bool:
-    """Checks query, key and value; returns whether the inputs are batched.
+    """Checks query, key and value; returns whether the inputs are batched. ``autocast``:
+    whether torch.autocast is on for the query's device (then dtypes may differ).
 
     Batched: query ``(L, N, E)``, key ``(S, N, Ek)``, value ``(S, N, Ev)``, or ``(N, L, E)`` ...
     with ``batch_first``. Unbatched: ``(L, E)``, ``(S, Ek)``, ``(S, Ev)``.
@@ -124,7 +126,6 @@ def check_inputs(
                 )
             )
     # Under autocast, torch's ops cast for themselves, so a mixed dtype is the user's intent.
-    autocast = autocast_enabled(query.device)
     for name, x in (("query", query), ("key", key), ("value", value)):
         if x.dtype != dtype and not autocast:
             raise TypeError(
@@ -152,40 +153,36 @@ def check_inputs(
     return is_batched
 
 
-def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype) -> None:
+def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype, autocast: bool) -> None:
     """Every weight forward uses must have the layer's dtype (``out_proj.weight``'s), as the
     inputs must; under autocast torch's ops cast for themselves. torch's layer fails deep in a
     matmul there ("self and mat2 must have the same dtype"); this names the parameter. Biases
-    of another floating dtype are cast by the layer, as torch's layer adds them."""
-    if autocast_enabled(layer.out_proj.weight.device):
+    (``in_proj_bias``, ``out_proj.bias``, ``bias_k``, ``bias_v``) of another floating dtype
+    are cast by the layer, as torch's layer adds them. Reads the registered parameters
+    directly: this runs on every call, decoding steps included."""
+    if autocast:
         return
-    named = [
-        ("in_proj_weight", layer.in_proj_weight),
-        ("q_proj_weight", layer.q_proj_weight),
-        ("k_proj_weight", layer.k_proj_weight),
-        ("v_proj_weight", layer.v_proj_weight),
-    ]
+    owners = [("", layer), ("out_proj.", layer.out_proj)]
     if layer.qk_norm:
-        named += [("q_norm.weight", layer.q_norm.weight), ("k_norm.weight", layer.k_norm.weight)]
-    biases = [
-        ("in_proj_bias", layer.in_proj_bias),
-        ("out_proj.bias", layer.out_proj.bias),
-        ("bias_k", layer.bias_k),
-        ("bias_v", layer.bias_v),
-    ]
-    for name, param in biases:
-        if param is not None and not param.is_floating_point():
-            raise TypeError(invalid(name, "a floating-point bias", f"dtype {param.dtype}"))
-    for name, param in named:
-        if param is not None and param.dtype != dtype:
-            raise TypeError(
-                invalid(
-                    name,
-                    f"dtype {dtype}, as out_proj.weight and the inputs (convert the whole "
-                    "layer with .to(dtype))",
-                    f"dtype {param.dtype}",
+        owners += [("q_norm.", layer.q_norm), ("k_norm.", layer.k_norm)]
+    for prefix, module in owners:
+        for name, param in module._parameters.items():
+            if param is None:
+                continue
+            if "bias" in name:
+                if not param.is_floating_point():
+                    raise TypeError(
+                        invalid(prefix + name, "a floating-point bias", f"dtype {param.dtype}")
+                    )
+            elif param.dtype != dtype:
+                raise TypeError(
+                    invalid(
+                        prefix + name,
+                        f"dtype {dtype}, as out_proj.weight and the inputs (convert the whole "
+                        "layer with .to(dtype))",
+                        f"dtype {param.dtype}",
+                    )
                 )
-            )
 
 
 def _check_per_token_shape(
@@ -385,6 +382,7 @@ def check_extras(
     key_len: int,
     has_masks: bool,
     inputs: tuple[Tensor, Tensor, Tensor],
+    autocast: bool,
 ) -> None:
     """Checks forward's ``cache`` and ``segment_ids`` against the layer and the inputs, before
     anything is written: a refused call leaves the cache as it was."""
@@ -410,7 +408,7 @@ def check_extras(
                 )
             )
         layer_dtype = layer.out_proj.weight.dtype
-        if cache.k.dtype != layer_dtype and not autocast_enabled(query.device):
+        if cache.k.dtype != layer_dtype and not autocast:
             raise ValueError(
                 invalid(
                     "cache",
@@ -440,8 +438,7 @@ def check_extras(
             raise ValueError(
                 invalid("cache", f"batch size {batch_size} (as query)", cache.batch_size)
             )
-        tracked = [*layer.parameters(), *inputs]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *layer.parameters())):
             raise ValueError(
                 invalid(
                     "cache",
