@@ -47,6 +47,18 @@ from .validation import (
 )
 
 
+def _nested(x: object) -> bool:
+    return isinstance(x, Tensor) and x.is_nested
+
+
+def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
+    """``bias`` in its weight's dtype. torch's layer adds a bias of another floating dtype (a
+    half ``in_proj_bias`` in a float64 layer, as torch's own tests build) in the output's
+    dtype, so we cast it; weights of another dtype are refused
+    (:func:`multihead.validation.check_parameter_dtypes`), as torch's matmuls refuse them."""
+    return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
+
+
 def _declines_fused_encoder_kernel(module: nn.Module, args: tuple) -> None:
     """A forward pre-hook that changes nothing, registered on every layer of ours.
 
@@ -281,7 +293,7 @@ class MultiheadAttention(nn.Module):
             ValueError: a wrong rank, embedding size, sequence or batch size, mask shape, or
                 cache misuse (full, wrong batch, with gradients, with masks).
         """
-        if any(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
+        if _nested(query) or _nested(key) or _nested(value):
             return self._forward_nested(
                 query,
                 key,
@@ -409,7 +421,8 @@ class MultiheadAttention(nn.Module):
             or (window is not None and query_len != key_len),
         )  # (N, H, L, D), weights (N, [H,] L, S + X)
         out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
-        out = F.linear(out, self.out_proj.weight, self._bias(self.out_proj.bias))
+        out_proj = self.out_proj
+        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
         if not is_batched:
             out = out.squeeze(0)  # (L, E)
             weights = None if weights is None else weights.squeeze(0)
@@ -434,13 +447,13 @@ class MultiheadAttention(nn.Module):
         weights) come back nested in the query's layout. The padding is the nesting itself, so
         masks, a cache and segment ids are refused. Weights come back as a strided nested
         tensor (ragged in both L and S, which the jagged layout cannot hold)."""
-        if not all(isinstance(x, Tensor) and x.is_nested for x in (query, key, value)):
+        if not (_nested(query) and _nested(key) and _nested(value)):
             raise ValueError(
                 invalid(
                     "query",
                     "query, key and value all nested tensors, or none of them",
                     ", ".join(
-                        f"{name} {'nested' if isinstance(x, Tensor) and x.is_nested else 'not'}"
+                        f"{name} {'nested' if _nested(x) else 'not'}"
                         for name, x in (("query", query), ("key", key), ("value", value))
                     ),
                 )
@@ -548,14 +561,6 @@ class MultiheadAttention(nn.Module):
         cache.claim(self)  # it belongs to this layer; any other refuses it
         return cache
 
-    def _bias(self, bias: Tensor | None) -> Tensor | None:
-        """A bias in the layer's dtype. torch's layer adds a bias of another floating dtype
-        (a half ``in_proj_bias`` in a float64 layer, as torch's own tests build) in the
-        output's dtype, so we cast it to that dtype; weights of another dtype are refused
-        (:func:`multihead.validation.check_parameter_dtypes`), as torch's matmuls refuse them."""
-        dtype = self.out_proj.weight.dtype
-        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-
     def _rotate(self, q: Tensor, k: Tensor, offset: int | Tensor) -> tuple[Tensor, Tensor]:
         """RoPE on q ``(N, H, L, D)`` and k ``(N, Hkv, S, D)``, positions from ``offset``."""
         length = max(q.shape[2], k.shape[2])
@@ -571,7 +576,8 @@ class MultiheadAttention(nn.Module):
         same_heads = self.num_kv_heads == self.num_heads
         if same_heads and self.in_proj_weight is not None and query is key and key is value:
             # Self-attention: one GEMM, then one view and one permute for all of q, k and v.
-            proj = F.linear(query, self.in_proj_weight, self._bias(self.in_proj_bias))  # (.., 3E)
+            weight = self.in_proj_weight
+            proj = F.linear(query, weight, _bias_like(self.in_proj_bias, weight))  # (.., 3E)
             if not is_batched:
                 proj = proj.unsqueeze(0)  # (1, L, 3E)
             return split_packed_heads(proj, self.num_heads, batch_first)
@@ -587,16 +593,17 @@ class MultiheadAttention(nn.Module):
     def _in_projection(
         self, query: Tensor, key: Tensor, value: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if self.in_proj_weight is not None:
-            return packed_in_projection(
-                query, key, value, self.in_proj_weight, self._bias(self.in_proj_bias)
-            )
+        weight = self.in_proj_weight
+        if weight is not None:
+            bias = _bias_like(self.in_proj_bias, weight)
+            return packed_in_projection(query, key, value, weight, bias)
+        q_weight = self.q_proj_weight
         return separate_in_projection(
             query,
             key,
             value,
-            self.q_proj_weight,
+            q_weight,
             self.k_proj_weight,
             self.v_proj_weight,
-            self._bias(self.in_proj_bias),
+            _bias_like(self.in_proj_bias, q_weight),
         )
