@@ -76,7 +76,9 @@ def test_a_wide_float_mask_keeps_its_meaning_with_every_other_constraint(
     low_x = x.to(layer_dtype)
     out, w = low(low_x, low_x, low_x, **calls[0])
     ref, ref_w = exact(x, x, x, **calls[1])
-    tol = 1e-5 if layer_dtype == torch.float32 else 6e-2
+    # bfloat16 keeps 8 bits: its own rounding reaches about 0.1 here; the faults this test
+    # catches (an emptied row gives the bias, a hidden key gets weight) are errors of order 1.
+    tol = 1e-5 if layer_dtype == torch.float32 else 0.2
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     if need_weights:
         torch.testing.assert_close(w.double(), ref_w, atol=tol, rtol=tol)
