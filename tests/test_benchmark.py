@@ -354,6 +354,9 @@ def fake_benchmark(monkeypatch) -> None:
         "grouped_query",
         lambda device, seq_len: real_grouped(device, 8, embed_dim=16, heads=4, kv_heads=2),
     )
+    from multihead.benchmark import mods
+
+    monkeypatch.setattr(mods, "run", lambda config: [])  # tests/test_benchmark_mods.py runs it
 
 
 def written(root: Path) -> list[str]:

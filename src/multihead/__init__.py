@@ -1,5 +1,6 @@
 """multihead: an exact drop-in for ``torch.nn.MultiheadAttention``, faster and broader."""
 
+from . import mods
 from .functional import attention, attention_weights
 from .kv_cache import KVCache
 from .layer import MultiheadAttention
@@ -14,6 +15,7 @@ __all__ = [
     "canonical_mask",
     "causal_mask",
     "from_torch",
+    "mods",
     "swap",
     "to_torch",
 ]

@@ -14,8 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
 
+from .attention_mask import AttentionMask
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
+from .mods import MaskMod, ScoreMod
+from .tiled import tiled_attention
 from .transforms import functional_autodiff
 from .validation import check_attention_arguments
 from .weights import (
@@ -118,6 +121,8 @@ def attention(
     need_weights: bool = False,
     average_weights: bool = True,
     softcap: float | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
@@ -141,26 +146,60 @@ def attention(
             per head ``(N, H, L, S)``.
         softcap: logits become ``softcap * tanh(logits / softcap)`` before the mask (Gemma 2);
             a finite number > 0, or None.
+        mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True = attend (FlexAttention's
+            signature and polarity; see :mod:`multihead.mods`); q_idx in [0, L), kv_idx in
+            [0, S). Tiles it hides entirely are skipped, forward and backward.
+        score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's), on
+            the scaled (and soft-capped) logits, before ``mask``. Gradients reach any tensor
+            it captures.
+
+    The order: ``q k^T / sqrt(D)``, soft-cap, ``score_mod``, ``+ mask``, then ``mask_mod`` and
+    ``is_causal`` hide keys, softmax, dropout.
 
     Returns:
         ``(out, weights)``: out ``(N, H, L, D)``; weights as above, or None.
 
     Raises:
-        TypeError: a non-tensor, a non-floating dtype, dtypes that differ, or a bool mask.
+        TypeError: a non-tensor, a non-floating dtype, dtypes that differ, a bool mask, a mod
+            that is not callable, or a mod returning the wrong kind of tensor.
         ValueError: ranks other than 4, mismatched sizes, head counts that do not divide, a
-            mask that does not broadcast, or dropout_p / softcap out of range.
+            mask that does not broadcast, dropout_p / softcap out of range, or a mod result
+            that does not broadcast.
     """
-    check_attention_arguments(q, k, v, mask, dropout_p=dropout_p, softcap=softcap)
+    check_attention_arguments(
+        q,
+        k,
+        v,
+        mask,
+        dropout_p=dropout_p,
+        softcap=softcap,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+    )
+    mask = _four_dims(mask)
+    tiled = mask_mod is not None or score_mod is not None
+    folded, causal = (mask, is_causal) if tiled else _fold_causal(q, k, mask, is_causal)
+    constraints = AttentionMask(
+        batch=q.shape[0],
+        heads=q.shape[1],
+        query_len=q.shape[2],
+        key_len=k.shape[2],
+        user=folded,
+        causal=causal,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        softcap=softcap,
+        dtype=q.dtype,
+        rows_keep_a_key=mask is None and mask_mod is None,
+    )
     return attention_core(
         q,
         k,
         v,
-        _four_dims(mask),
-        is_causal=is_causal,
+        constraints,
         dropout_p=dropout_p,
         need_weights=need_weights,
         average_weights=average_weights,
-        softcap=softcap,
     )
 
 
@@ -168,25 +207,33 @@ def attention_core(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor | None = None,
+    mask: AttentionMask,
     *,
-    is_causal: bool = False,
     dropout_p: float = 0.0,
     need_weights: bool = False,
     average_weights: bool = True,
-    softcap: float | None = None,
-    may_mask_whole_rows: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`attention` without the argument checks (the layer has made them).
-
-    ``may_mask_whole_rows``: False when the caller knows that every query keeps a key (causal,
-    window and segment masks always leave a query its own position), which saves the search
-    for empty rows: a per-token cost when decoding.
-    """
-    mask, is_causal = _fold_causal(q, k, mask, is_causal)
-    mask, empty = split_empty_rows(mask) if may_mask_whole_rows else (mask, None)
+    """:func:`attention` without the argument checks (the layer has made them), for the
+    constraints ``mask`` describes. The one dispatch point: constraints evaluated per tile go
+    to :func:`multihead.tiled.tiled_attention`; the rest to the kernel :func:`select_path`
+    picks."""
+    autodiff = functional_autodiff(q, k, v, mask.user)
+    if mask.needs_tiles:
+        return tiled_attention(
+            q,
+            k,
+            v,
+            mask,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
+            average_weights=average_weights,
+            functional_autodiff=autodiff,
+        )
+    tensor, is_causal = mask.sdpa_args()
+    softcap = mask.softcap
+    tensor, empty = split_empty_rows(tensor) if mask.may_empty_rows else (tensor, None)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mask)
+        t is not None and t.requires_grad for t in (q, k, v, tensor)
     )
     path = select_path(
         need_weights=need_weights,
@@ -196,10 +243,10 @@ def attention_core(
         # D = 0 counts as empty too: no dot products, which the fused kernels do not take.
         score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * min(q.shape[3], 1),
         softcap=softcap is not None,
-        functional_autodiff=functional_autodiff(q, k, v, mask),
+        functional_autodiff=autodiff,
     )
     if path == "explicit":
-        weights = block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
+        weights = block_probabilities(q, k, tensor, empty, is_causal=is_causal, softcap=softcap)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         out = _select_empty(weighted_values(weights, v), empty)  # (N, H, L, D)
@@ -211,7 +258,7 @@ def attention_core(
             q,
             k,
             v,
-            mask,
+            tensor,
             empty,
             is_causal=is_causal,
             average_weights=average_weights,
@@ -219,10 +266,10 @@ def attention_core(
         )
         return out, weights if need_weights else None
 
-    out = _select_empty(sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal), empty)
+    out = _select_empty(sdpa(q, k, v, tensor, dropout_p=dropout_p, is_causal=is_causal), empty)
     weights = None
     if path == "sdpa+averaged_weights":
-        weights = averaged_attention_weights(q, k, mask, empty, is_causal=is_causal)  # (N, L, S)
+        weights = averaged_attention_weights(q, k, tensor, empty, is_causal=is_causal)
     return out, weights
 
 

@@ -6,6 +6,8 @@ X extra key slots (``add_bias_kv`` and ``add_zero_attn``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -17,9 +19,10 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 # reads out_proj.weight directly. Using it keeps quantization behaviour identical to torch's.
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from .attention_mask import AttentionMask
 from .functional import attention_core
 from .kv_cache import KVCache
-from .masks import canonical_mask, effective_window
+from .mods import MaskMod, ScoreMod
 from .projection import (
     append_extra_keys,
     merge_heads,
@@ -37,6 +40,7 @@ from .validation import (
     check_inputs,
     check_kv_heads,
     check_masks,
+    check_mods,
     check_optional_dim,
     check_parameter_dtypes,
     check_positive_int,
@@ -57,6 +61,30 @@ def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
     dtype, so we cast it; weights of another dtype are refused
     (:func:`multihead.validation.check_parameter_dtypes`), as torch's matmuls refuse them."""
     return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """The sizes of one dense forward call, once validated."""
+
+    is_batched: bool
+    batch_first: bool  # of the inputs as projected (unbatched inputs become (1, L, E))
+    batch_size: int
+    query_len: int
+    key_len: int
+    segment_ids: Tensor | None  # (N, L)
+
+
+def _batch_row(mod: Callable, row: int, b_at: int) -> Callable:
+    """``mod`` for one sequence of a nested batch, run alone: it sees batch index ``row``
+    (``b`` is argument ``b_at``: 0 for a mask_mod, 1 for a score_mod)."""
+
+    def for_row(*args: Tensor) -> Tensor:
+        shifted = list(args)
+        shifted[b_at] = args[b_at] + row
+        return mod(*shifted)
+
+    return for_row
 
 
 def _declines_fused_encoder_kernel(module: nn.Module, args: tuple) -> None:
@@ -260,6 +288,8 @@ class MultiheadAttention(nn.Module):
         *,
         cache: KVCache | None = None,
         segment_ids: Tensor | None = None,
+        mask_mod: MaskMod | None = None,
+        score_mod: ScoreMod | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attends from ``query`` to ``key`` / ``value``.
 
@@ -280,6 +310,14 @@ class MultiheadAttention(nn.Module):
                 over everything cached: the query at position p sees keys at positions <= p.
             segment_ids: ``(N, L)`` (``(L,)`` unbatched) integer labels for packed rows of
                 self-attention (S == L): tokens attend only within their own segment.
+            mask_mod: ``mask_mod(b, h, q_idx, kv_idx) -> bool``, True = attend
+                (FlexAttention's signature and polarity; :mod:`multihead.mods` ships the
+                standard ones). Positions are absolute (with a cache, the query at cache slot
+                p has q_idx p); the extra ``add_bias_kv`` / ``add_zero_attn`` slots are always
+                visible. Tiles it hides entirely are skipped, forward and backward.
+            score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's),
+                on the scaled, soft-capped logits of the real keys, before ``attn_mask`` and
+                ``key_padding_mask`` are added. Gradients reach any tensor it captures.
 
         Returns:
             ``(attn_output, attn_weights)``: output shaped like ``query`` with E features;
@@ -305,6 +343,8 @@ class MultiheadAttention(nn.Module):
                 is_causal=is_causal,
                 cache=cache,
                 segment_ids=segment_ids,
+                mask_mod=mask_mod,
+                score_mod=score_mod,
             )
         return self._forward_dense(
             query,
@@ -317,6 +357,8 @@ class MultiheadAttention(nn.Module):
             is_causal,
             cache=cache,
             segment_ids=segment_ids,
+            mask_mod=mask_mod,
+            score_mod=score_mod,
         )
 
     def _forward_dense(
@@ -332,10 +374,82 @@ class MultiheadAttention(nn.Module):
         *,
         cache: KVCache | None,
         segment_ids: Tensor | None,
+        mask_mod: MaskMod | None = None,
+        score_mod: ScoreMod | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """forward for ordinary (non-nested) tensors."""
-        # Once per call: every check below needs it.
-        autocast = isinstance(query, Tensor) and autocast_enabled(query.device)
+        """forward for ordinary (non-nested) tensors: validate, project, norm, rope, cache,
+        mask, attend, merge, project."""
+        call = self._check_call(
+            query, key, value, key_padding_mask, attn_mask, cache, segment_ids, mask_mod, score_mod
+        )
+        q, k, v = self._project_heads(query, key, value, call.is_batched, call.batch_first)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        offset = 0 if cache is None else cache.position.clone()  # before update() moves it
+        if self.rope:
+            q, k = self._rotate(q, k, offset)
+        key_len = call.key_len
+        if cache is not None:
+            k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
+            if k.dtype != q.dtype:  # under autocast the cache may hold another precision
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            key_len, is_causal = k.shape[2], True
+        k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
+        mask = AttentionMask.build(
+            batch=call.batch_size,
+            heads=self.num_heads,
+            query_len=call.query_len,
+            key_len=key_len,
+            extra_keys=k.shape[2] - key_len,
+            dtype=q.dtype,
+            device=q.device,
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            is_causal=is_causal,
+            query_offset=offset,
+            window=self.window,
+            segment_ids=call.segment_ids,
+            mask_mod=mask_mod,
+            score_mod=score_mod,
+            softcap=self.softcap,
+        )
+        try:
+            out, weights = attention_core(
+                q,
+                k,
+                v,
+                mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                need_weights=need_weights,
+                average_weights=average_attn_weights,
+            )  # (N, H, L, D), weights (N, [H,] L, S + X)
+        except Exception:
+            if cache is not None:  # a user's mod raised: the cache's fill level as it was
+                cache.position.copy_(offset)
+            raise
+        out = merge_heads(out, call.batch_first)  # (N, L, E) or (L, N, E)
+        out_proj = self.out_proj
+        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
+        if not call.is_batched:
+            out = out.squeeze(0)  # (L, E)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _check_call(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        cache: KVCache | None,
+        segment_ids: Tensor | None,
+        mask_mod: object,
+        score_mod: object,
+    ) -> _Call:
+        """Every check of a dense call, before anything changes (the cache included), and
+        the call's sizes."""
+        autocast = isinstance(query, Tensor) and autocast_enabled(query.device)  # asked once
         is_batched = check_inputs(
             query,
             key,
@@ -351,7 +465,6 @@ class MultiheadAttention(nn.Module):
         seq_dim = 1 if (self.batch_first and is_batched) else 0
         batch_size = query.shape[1 - seq_dim] if is_batched else 1
         query_len, key_len = query.shape[seq_dim], key.shape[seq_dim]
-        batch_first = self.batch_first or not is_batched  # unbatched inputs become (1, L, E)
         check_masks(
             key_padding_mask,
             attn_mask,
@@ -373,60 +486,17 @@ class MultiheadAttention(nn.Module):
             inputs=(query, key, value),
             autocast=autocast,
         )
-
-        q, k, v = self._project_heads(query, key, value, is_batched, batch_first)  # (N, H*, *, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        offset = 0 if cache is None else cache.position.clone()  # before update() moves it
-        if self.rope:
-            q, k = self._rotate(q, k, offset)
+        check_mods(mask_mod, score_mod)
         if cache is not None:
             cache.claim(self)
-            k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
-            # Under autocast the cache may hold another precision than this call computes in.
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-            key_len, is_causal = k.shape[2], True
-        k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
-        window = effective_window(self.window, query_len, key_len)  # None: hides nothing
-        mask, causal = canonical_mask(
-            key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
+        return _Call(
+            is_batched=is_batched,
+            batch_first=self.batch_first or not is_batched,  # unbatched becomes (1, L, E)
             batch_size=batch_size,
-            num_heads=self.num_heads,
             query_len=query_len,
             key_len=key_len,
-            extra_keys=k.shape[2] - key_len,
-            dtype=q.dtype,
-            device=q.device,
-            query_offset=offset,
-            window=window,
             segment_ids=None if segment_ids is None else segment_ids.reshape(batch_size, query_len),
         )
-        out, weights = attention_core(
-            q,
-            k,
-            v,
-            mask,
-            is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            need_weights=need_weights,
-            average_weights=average_attn_weights,
-            softcap=self.softcap,
-            # Causal and segment masks never hide a query's own position (nor key 0), so only
-            # torch's masks, or a window with L != S, can leave a query without keys.
-            may_mask_whole_rows=key_padding_mask is not None
-            or attn_mask is not None
-            or (window is not None and query_len != key_len),
-        )  # (N, H, L, D), weights (N, [H,] L, S + X)
-        out = merge_heads(out, batch_first)  # (N, L, E) or (L, N, E)
-        out_proj = self.out_proj
-        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
-        if not is_batched:
-            out = out.squeeze(0)  # (L, E)
-            weights = None if weights is None else weights.squeeze(0)
-        return out, weights
 
     def _forward_nested(
         self,
@@ -441,12 +511,16 @@ class MultiheadAttention(nn.Module):
         is_causal: bool,
         cache: KVCache | None,
         segment_ids: Tensor | None,
+        mask_mod: MaskMod | None,
+        score_mod: ScoreMod | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Nested-tensor inputs ``(N, *, E)`` (torch's ``TransformerEncoder`` makes them from a
         padded batch): each sequence runs alone, as an unbatched call, and the outputs (and
         weights) come back nested in the query's layout. The padding is the nesting itself, so
-        masks, a cache and segment ids are refused. Weights come back as a strided nested
-        tensor (ragged in both L and S, which the jagged layout cannot hold)."""
+        masks, a cache and segment ids are refused. Mods see each sequence's own batch index
+        ``b``. Weights come back as a strided nested tensor (ragged in both L and S, which the
+        jagged layout cannot hold)."""
+        check_mods(mask_mod, score_mod)
         if not (_nested(query) and _nested(key) and _nested(value)):
             raise ValueError(
                 invalid(
@@ -508,8 +582,10 @@ class MultiheadAttention(nn.Module):
                 is_causal,
                 cache=None,
                 segment_ids=None,
+                mask_mod=None if mask_mod is None else _batch_row(mask_mod, i, 0),
+                score_mod=None if score_mod is None else _batch_row(score_mod, i, 1),
             )
-            for q_i, k_i, v_i in zip(queries, keys, values, strict=True)
+            for i, (q_i, k_i, v_i) in enumerate(zip(queries, keys, values, strict=True))
         ]
         out = torch.nested.as_nested_tensor([o for o, _ in results], layout=query.layout)
         if not need_weights:

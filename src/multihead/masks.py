@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import mods
 from .transforms import functional_autodiff
 
 
@@ -90,7 +91,9 @@ def is_causal_pattern(mask: Tensor) -> bool:
 def position_mask(
     query_positions: Tensor, key_positions: Tensor, *, causal: bool, window: int | None = None
 ) -> Tensor:
-    """Bool ``(L, S)`` mask (True = masked) from absolute positions.
+    """Bool ``(L, S)`` mask (True = masked) from absolute positions, by the mask mods of
+    :mod:`multihead.mods` (:data:`~multihead.mods.causal`, :func:`~multihead.mods.sliding_window`),
+    where causality and windows are defined once.
 
     ``causal`` hides keys after the query (j > i). ``window`` keeps keys closer than ``window``:
     with causal, i - window < j <= i; without, |i - j| < window. For window=2, causal::
@@ -100,11 +103,14 @@ def position_mask(
          [1, 0, 0, 1],
          [1, 1, 0, 0]]
     """
-    behind = query_positions[:, None] - key_positions[None, :]  # (L, S): i - j
-    masked = behind < 0 if causal else torch.zeros_like(behind, dtype=torch.bool)
+    q_idx, kv_idx = query_positions[:, None], key_positions[None, :]  # (L, 1), (1, S)
     if window is not None:
-        masked |= (behind if causal else behind.abs()) >= window
-    return masked
+        allowed = mods.sliding_window(window, causal=causal)(None, None, q_idx, kv_idx)
+    elif causal:
+        allowed = mods.causal(None, None, q_idx, kv_idx)
+    else:
+        return torch.zeros(q_idx.shape[0], kv_idx.shape[1], dtype=torch.bool, device=q_idx.device)
+    return ~allowed
 
 
 def effective_window(window: int | None, query_len: int, key_len: int) -> int | None:
@@ -118,8 +124,12 @@ def effective_window(window: int | None, query_len: int, key_len: int) -> int | 
 
 def segment_mask(segment_ids: Tensor) -> Tensor:
     """Bool ``(N, 1, L, L)`` mask (True = masked) that keeps each token within its segment;
-    ``segment_ids`` is ``(N, L)``, one integer label per token of a packed row."""
-    return segment_ids[:, None, :, None] != segment_ids[:, None, None, :]
+    ``segment_ids`` is ``(N, L)``, one integer label per token of a packed row (the rule of
+    :func:`multihead.mods.document`)."""
+    batch, length = segment_ids.shape
+    positions = torch.arange(length, device=segment_ids.device)
+    b = torch.arange(batch, device=segment_ids.device).view(-1, 1, 1, 1)
+    return ~mods.document(segment_ids)(b, None, positions.view(1, 1, -1, 1), positions.view(-1))
 
 
 def canonical_mask(
@@ -137,6 +147,7 @@ def canonical_mask(
     query_offset: int | Tensor = 0,
     window: int | None = None,
     segment_ids: Tensor | None = None,
+    narrow: bool = True,
 ) -> tuple[Tensor | None, bool]:
     """Merges torch's masks and our positional constraints into one additive mask.
 
@@ -149,6 +160,9 @@ def canonical_mask(
             a 0-dim tensor); key j is at position j.
         window: sliding window, see :func:`position_mask`.
         segment_ids: ``(N, L)`` segment labels of a packed self-attention row (L == S).
+        narrow: cast the sum to ``dtype`` with :func:`narrowed`. False leaves it in the widest
+            float dtype given, for a caller that adds more constraints per tile and narrows
+            each tile's sum itself.
 
     Returns:
         ``(mask, causal)``. ``mask`` is additive, broadcastable to ``(N, H, L, S + X)``, or None.
@@ -193,7 +207,9 @@ def canonical_mask(
         mask = segments if mask is None else mask + segments
     if mask is not None and extra_keys:
         mask = F.pad(mask, (0, extra_keys))  # (..., S + X); the extra slots stay attendable
-    return (None if mask is None else narrowed(mask, dtype)), False
+    if mask is None or not narrow:
+        return mask, False
+    return narrowed(mask, dtype), False
 
 
 def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

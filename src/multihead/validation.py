@@ -304,6 +304,8 @@ def check_attention_arguments(
     *,
     dropout_p: object = 0.0,
     softcap: object = None,
+    mask_mod: object = None,
+    score_mod: object = None,
 ) -> None:
     """Checks :func:`multihead.attention`'s arguments: q ``(N, H, L, D)``, k ``(N, Hkv, S, D)``,
     v ``(N, Hkv, S, Dv)`` (None when only weights are asked for), Hkv dividing H, one floating
@@ -369,6 +371,18 @@ def check_attention_arguments(
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(invalid("dropout_p", "a float in [0, 1]", f"dropout_p={dropout_p!r}"))
     check_softcap(softcap)
+    check_mods(mask_mod, score_mod)
+
+
+def check_mods(mask_mod: object, score_mod: object) -> None:
+    """``mask_mod`` and ``score_mod`` are callables (flex's signatures) or None. What they
+    return is checked where they are called, on the first tile."""
+    for name, mod, signature in (
+        ("mask_mod", mask_mod, "mask_mod(b, h, q_idx, kv_idx) -> bool tensor"),
+        ("score_mod", score_mod, "score_mod(score, b, h, q_idx, kv_idx) -> tensor"),
+    ):
+        if mod is not None and not callable(mod):
+            raise TypeError(invalid(name, f"a callable {signature}, or None", describe(mod)))
 
 
 def check_extras(

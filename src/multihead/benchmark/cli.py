@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-decode", action="store_true", help="skip the KV-cache decode and GQA comparison"
     )
     parser.add_argument(
+        "--no-mods",
+        action="store_true",
+        help="skip the mask-mod section (sliding window, documents, causal against a dense mask "
+        "and compiled flex_attention)",
+    )
+    parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
         default="cpu",
@@ -119,6 +125,7 @@ def _output_dir(args: argparse.Namespace) -> tuple[Path | None, str | None]:
                 ("--no-memory", args.no_memory),
                 ("--no-onnx", args.no_onnx),
                 ("--no-decode", args.no_decode),
+                ("--no-mods", args.no_mods),
                 ("--budget", args.budget is not None),
                 ("--device", args.device != "cpu"),
             )
@@ -169,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         onnx=not args.no_onnx,
         decode=not args.no_decode,
+        mods=not args.no_mods,
         device=args.device,
         budget_s=args.budget,
     )

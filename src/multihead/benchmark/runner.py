@@ -15,6 +15,7 @@ import torch
 
 from . import decode as decode_benchmark
 from . import memory
+from . import mods as mods_benchmark
 from .cases import (
     MODES,
     ONNX_MODES,
@@ -52,6 +53,7 @@ class Options:
         device: ``"cpu"`` or ``"cuda"``.
         budget_s: seconds of timed rounds per case; None for the default (8 s, 1.5 s quick).
         decode: also run the KV-cache decode and the GQA comparison (decode.md / .json / .png).
+        mods: also run the mask-mod section (mods.md / .json; see :mod:`.mods`).
     """
 
     quick: bool = False
@@ -62,6 +64,7 @@ class Options:
     device: str = "cpu"
     budget_s: float | None = None
     decode: bool = True
+    mods: bool = True
 
     def grid(self) -> list[Case]:
         return quick_grid(self.modes) if self.quick else full_grid(self.modes)
@@ -213,6 +216,17 @@ def run(options: Options) -> tuple[list[dict], dict, list[Path]]:
         grouped = decode_benchmark.grouped_query(device, 1024 if options.quick else 2048)
         paths += decode_benchmark.write(decoded, grouped, machine, options.out)
         print(decode_benchmark.markdown(decoded, grouped), file=sys.stderr)
+    if options.mods:
+        print("mask mods ...", file=sys.stderr, flush=True)
+        config = mods_benchmark.config_for(
+            quick=options.quick,
+            budget_s=options.budget_s,
+            memory=options.memory,
+            device=options.device,
+        )
+        mod_rows = mods_benchmark.run(config)
+        paths += mods_benchmark.write(mod_rows, machine, config, options.out)
+        print(mods_benchmark.table(mod_rows), file=sys.stderr)
     try:
         paths += write_plots(rows, machine, options.out)
     except ImportError:  # matplotlib is imported inside write_plots, only when installed
