@@ -301,7 +301,7 @@ class AttentionMask:
         _check_broadcast("mask_mod", result, shape)
         if result.dim() < 4:
             result = result.view((1,) * (4 - result.dim()) + tuple(result.shape))
-        return result
+        return result.expand(result.shape[0], result.shape[1], *shape[2:])  # (N|1, H|1, B, C)
 
     def scores(self, scores: Tensor, start: int, kv_idx: Tensor | None) -> Tensor:
         """``scores`` ``(N, H, B, C + X)`` after the soft-cap and the user's score_mod (on the

@@ -389,6 +389,14 @@ class RelativePositionBias(nn.Module):
                 raise TypeError(f"{name}: expected an int >= {low}, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+        exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        if exact < 1 or max_distance <= exact:
+            raise ValueError(
+                f"num_buckets, max_distance: expected max_distance above the {exact} exact "
+                f"buckets (num_buckets >= {4 if bidirectional else 2}), so that the log-spaced "
+                f"buckets are defined; got num_buckets={num_buckets}, "
+                f"max_distance={max_distance}"
+            )
         super().__init__()
         self.num_heads, self.num_buckets = num_heads, num_buckets
         self.max_distance, self.bidirectional = max_distance, bool(bidirectional)

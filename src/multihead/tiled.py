@@ -73,13 +73,10 @@ def tiled_attention(
         weights = q.new_zeros(shape)
     for block in mask.row_blocks(q.device, skip=not functional_autodiff):
         q_blk = q[..., block.start : block.stop, :]
-        rows = block.stop - block.start
-        if block.visible + extra == 0:  # every key hidden: attends to nothing
-            outs.append(q.new_zeros(n, h, rows, v.shape[-1]))
-            continue
         k_blk = take_columns(k, block.columns, key_len, extra)
         v_blk = take_columns(v, block.columns, key_len, extra)
-        if not formula:
+        # Every key hidden: the formula over no key gives zeros that stay on the graph.
+        if not formula and block.visible + extra > 0:
             out = sdpa(q_blk, k_blk, v_blk, block.mask, dropout_p=dropout_p, is_causal=False)
             outs.append(out if block.empty is None else out.masked_fill(block.empty, 0.0))
             continue
