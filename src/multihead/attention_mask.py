@@ -102,6 +102,7 @@ class AttentionMask:
         softcap: float | None = None,
     ) -> AttentionMask:
         """From a layer call's arguments (torch's mask forms, validated by the caller)."""
+        mask_mod, is_causal = as_causal_flag(mask_mod, is_causal)
         window = effective_window(window, query_len, key_len)
         tiled = (
             window is not None
@@ -252,7 +253,7 @@ class AttentionMask:
         allowed = None
         if partial and spans:
             allowed = self.allowed(start, stop, _column_index(spans, device), device)
-            if skip and self.mask_mod is not None:
+            if skip and not getattr(self.constraint, "exact_tiles", False):
                 # Tiles that the evaluation shows hidden for every row are dropped too.
                 seen = allowed.reshape(-1, allowed.shape[-1]).any(0)  # (C,)
                 keep, kept_spans, at = [], [], 0
@@ -266,12 +267,14 @@ class AttentionMask:
                     spans = kept_spans
         columns = _merged(spans, device)
         visible = sum(z - a for a, z in spans)
-        mask = None
+        mask = empty = None
         if allowed is not None:
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
-            mask = mask.masked_fill(~allowed, float("-inf"))
+            zero = torch.zeros((), dtype=self.dtype, device=device)
+            mask = torch.where(allowed, zero, zero - float("inf"))  # (N|1, H|1, B, C)
             if X:
                 mask = F.pad(mask, (0, X))
+            elif self.user is None and self.may_empty_rows:  # found on the bool, cheaper
+                empty = ~allowed.any(dim=-1, keepdim=True)  # (…, B, 1)
         if self.user is not None:
             user = self.user if self.user.shape[-2] == 1 else self.user[..., start:stop, :]
             user = _take_columns(user, columns, S, X)
@@ -279,11 +282,14 @@ class AttentionMask:
             # in: a row's largest finite value is then on a key it may attend.
             mask = user if mask is None else mask.to(user.dtype) + user
             mask = narrowed(mask, self.dtype)
-        empty = None
-        if mask is not None and self.may_empty_rows:
-            empty = (mask == float("-inf")).all(dim=-1, keepdim=True)  # (…, B, 1)
-            mask = mask.masked_fill(empty, 0.0)
-        elif visible == 0 and X == 0:  # every key hidden: an empty block
+            if self.may_empty_rows:
+                empty = (mask == float("-inf")).all(dim=-1, keepdim=True)  # (…, B, 1)
+        if empty is not None:
+            if skip and not bool(empty.any()):  # (not under torch.func: no data-dependent if)
+                empty = None
+            else:
+                mask = mask.masked_fill(empty, 0.0)
+        if visible == 0 and X == 0:  # every key hidden: an empty block
             empty = torch.ones(1, 1, stop - start, 1, dtype=torch.bool, device=device)
         return RowBlock(start, stop, columns, mask, empty, visible)
 
@@ -330,6 +336,16 @@ class AttentionMask:
         offset = self.query_offset
         q_idx = torch.arange(start + offset, stop + offset, device=device).view(1, 1, -1, 1)
         return b, h, q_idx
+
+
+def as_causal_flag(mask_mod: MaskMod | None, is_causal: bool) -> tuple[MaskMod | None, bool]:
+    """``mask_mod=multihead.mods.causal`` is ``is_causal=True``: the same rule (``q_idx >=
+    kv_idx`` on absolute positions, as the causal flag with a cache offset), so that the
+    kernels that skip causal blocks themselves (SDPA's ``is_causal``) run it. Only our own
+    ``causal`` object qualifies; any other mod is evaluated."""
+    if mask_mod is mods.causal:
+        return None, True
+    return mask_mod, is_causal
 
 
 def _check_broadcast(name: str, result: Tensor, shape: tuple[int, ...]) -> None:

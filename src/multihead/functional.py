@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend
 
-from .attention_mask import AttentionMask
+from .attention_mask import AttentionMask, as_causal_flag
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
 from .mods import MaskMod, ScoreMod
@@ -177,6 +177,7 @@ def attention(
         score_mod=score_mod,
     )
     mask = _four_dims(mask)
+    mask_mod, is_causal = as_causal_flag(mask_mod, is_causal)
     tiled = mask_mod is not None or score_mod is not None
     folded, causal = (mask, is_causal) if tiled else _fold_causal(q, k, mask, is_causal)
     constraints = AttentionMask(

@@ -51,6 +51,10 @@ class TiledMaskMod:
     Subclasses define ``__call__`` (flex's signature) and :meth:`tile_states`.
     """
 
+    # True when tile_states finds every tile that is hidden entirely (the kernel then trusts
+    # it and does not look for more in the mod's values).
+    exact_tiles: bool = False
+
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -78,6 +82,8 @@ def tile_states(
 class _Causal(TiledMaskMod):
     """Query i attends to keys j <= i (flex's ``causal_mask``)."""
 
+    exact_tiles = True
+
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return q_idx >= kv_idx
 
@@ -93,6 +99,8 @@ causal: TiledMaskMod = _Causal()
 
 
 class _SlidingWindow(TiledMaskMod):
+    exact_tiles = True
+
     def __init__(self, window: int, causal: bool) -> None:
         self.window, self.causal = window, causal
 
@@ -195,6 +203,8 @@ def document(document_ids: Tensor) -> TiledMaskMod:
 
 
 class _PrefixLM(TiledMaskMod):
+    exact_tiles = True
+
     def __init__(self, prefix: int | Tensor) -> None:
         self.prefix = prefix
 
@@ -245,6 +255,9 @@ def prefix_lm(prefix_length: int | Tensor) -> TiledMaskMod:
 class _Combined(TiledMaskMod):
     def __init__(self, mods: tuple[MaskMod, ...], both: bool) -> None:
         self.mods, self.both = mods, both
+        # A union is hidden where every part is; an intersection may be hidden where no part
+        # is, which the parts' states cannot tell.
+        self.exact_tiles = not both and all(getattr(mod, "exact_tiles", False) for mod in mods)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         result = torch.full((), self.both, dtype=torch.bool, device=q_idx.device)
