@@ -18,7 +18,7 @@ from .attention_mask import AttentionMask, as_causal_flag
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
 from .mods import MaskMod, ScoreMod
-from .tiled import tiled_attention
+from .tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD, tiled_attention
 from .transforms import functional_autodiff
 from .validation import check_attention_arguments
 from .weights import (
@@ -321,13 +321,10 @@ def sdpa(
     return _sdpa(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal)
 
 
-# SDPA's CPU flash kernel and its backward, called directly when SDPA itself would take them
-# (torch >= 2.3; absent elsewhere): no inner graph, no nested autograd call (measured fwd+bwd
-# overhead over plain SDPA: 25 us instead of 65 us per call).
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FLASH_CPU_BACKWARD = getattr(
-    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
-)
+# SDPA's CPU flash kernel and its backward (_FLASH_CPU, _FLASH_CPU_BACKWARD, from .tiled) are
+# called directly when SDPA itself would take them (torch >= 2.3; absent elsewhere): no inner
+# graph, no nested autograd call (measured fwd+bwd overhead over plain SDPA: 25 us instead of
+# 65 us per call).
 
 
 def _direct_flash(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> bool:

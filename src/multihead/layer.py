@@ -65,7 +65,7 @@ def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
 
 @dataclass(frozen=True)
 class _Call:
-    """The sizes of one dense forward call, once validated."""
+    """One dense forward call once validated: its sizes and its constraints' inputs."""
 
     is_batched: bool
     batch_first: bool  # of the inputs as projected (unbatched inputs become (1, L, E))
@@ -73,6 +73,10 @@ class _Call:
     query_len: int
     key_len: int
     segment_ids: Tensor | None  # (N, L)
+    attn_mask: Tensor | None
+    key_padding_mask: Tensor | None
+    mask_mod: MaskMod | None
+    score_mod: ScoreMod | None
 
 
 def _batch_row(mod: Callable, row: int, b_at: int) -> Callable:
@@ -395,45 +399,75 @@ class MultiheadAttention(nn.Module):
                 k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
-        mask = AttentionMask.build(
+        mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset)
+        out, weights = self._attend(
+            q, k, v, mask, cache, offset, need_weights, average_attn_weights
+        )
+        out = merge_heads(out, call.batch_first)  # (N, L, E) or (L, N, E)
+        out = F.linear(
+            out, self.out_proj.weight, _bias_like(self.out_proj.bias, self.out_proj.weight)
+        )
+        if not call.is_batched:
+            out = out.squeeze(0)  # (L, E)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _mask(
+        self,
+        call: _Call,
+        q: Tensor,
+        key_len: int,
+        extra_keys: int,
+        is_causal: bool,
+        offset: int | Tensor,
+    ) -> AttentionMask:
+        """The call's one constraint description (see :mod:`multihead.attention_mask`)."""
+        return AttentionMask.build(
             batch=call.batch_size,
             heads=self.num_heads,
             query_len=call.query_len,
             key_len=key_len,
-            extra_keys=k.shape[2] - key_len,
+            extra_keys=extra_keys,
             dtype=q.dtype,
             device=q.device,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
+            attn_mask=call.attn_mask,
+            key_padding_mask=call.key_padding_mask,
             is_causal=is_causal,
             query_offset=offset,
             window=self.window,
             segment_ids=call.segment_ids,
-            mask_mod=mask_mod,
-            score_mod=score_mod,
+            mask_mod=call.mask_mod,
+            score_mod=call.score_mod,
             softcap=self.softcap,
         )
+
+    def _attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: AttentionMask,
+        cache: KVCache | None,
+        offset: int | Tensor,
+        need_weights: bool,
+        average_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """out ``(N, H, L, D)`` and weights ``(N, [H,] L, S + X)`` or None. If a user's mod
+        raises, a cache's fill level goes back to where it was, so the call changed nothing."""
         try:
-            out, weights = attention_core(
+            return attention_core(
                 q,
                 k,
                 v,
                 mask,
                 dropout_p=self.dropout if self.training else 0.0,
                 need_weights=need_weights,
-                average_weights=average_attn_weights,
-            )  # (N, H, L, D), weights (N, [H,] L, S + X)
+                average_weights=average_weights,
+            )
         except Exception:
-            if cache is not None:  # a user's mod raised: the cache's fill level as it was
+            if cache is not None:
                 cache.position.copy_(offset)
             raise
-        out = merge_heads(out, call.batch_first)  # (N, L, E) or (L, N, E)
-        out_proj = self.out_proj
-        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
-        if not call.is_batched:
-            out = out.squeeze(0)  # (L, E)
-            weights = None if weights is None else weights.squeeze(0)
-        return out, weights
 
     def _check_call(
         self,
@@ -496,6 +530,10 @@ class MultiheadAttention(nn.Module):
             query_len=query_len,
             key_len=key_len,
             segment_ids=None if segment_ids is None else segment_ids.reshape(batch_size, query_len),
+            attn_mask=attn_mask,
+            key_padding_mask=key_padding_mask,
+            mask_mod=mask_mod,
+            score_mod=score_mod,
         )
 
     def _forward_nested(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from .attention_mask import AttentionMask, RowBlock, column_positions, take_columns
@@ -45,6 +46,7 @@ def tiled_attention(
     need_weights: bool = False,
     average_weights: bool = True,
     functional_autodiff: bool = False,
+    formula: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Attention of q ``(N, H, L, D)`` over k, v ``(N, Hkv, S + X, D)`` under ``mask``.
 
@@ -53,19 +55,24 @@ def tiled_attention(
     visible key have zero output and weights.
 
     ``functional_autodiff``: under torch.func transforms or forward-mode AD, plain ops only
-    (no checkpoint, no fused kernel).
+    (no checkpoint, no fused kernel). ``formula``: the formula route for every block.
     """
     from .functional import sdpa  # the fused kernel, twice differentiable
 
     n, h, q_len, _ = q.shape
     key_len, extra = mask.key_len, mask.extra_keys
     formula = (
-        need_weights
+        formula
+        or need_weights
         or mask.score_mod is not None
         or mask.softcap is not None
         or functional_autodiff
+        or min(q.numel(), k.numel()) == 0
     )
     grad = torch.is_grad_enabled() and not functional_autodiff
+    user_grad = grad and mask.user is not None and mask.user.requires_grad
+    if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, v):
+        return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
     weights = None
     if need_weights:
@@ -91,6 +98,27 @@ def tiled_attention(
             _place(weights, probs.mean(dim=1) if average_weights else probs, block, key_len)
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(n, h, 0, v.shape[-1])
     return out, weights
+
+
+# SDPA's CPU flash kernel and its backward (torch >= 2.3; None elsewhere), called directly.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BACKWARD = getattr(
+    torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None
+)
+
+
+def _flash_direct(q: Tensor, v: Tensor) -> bool:
+    """Whether SDPA itself would take its CPU flash kernel for q's dtype, device and layout
+    with a mask (torch's own choice, ``_fused_sdp_choice``, which also honours the backends
+    ``sdpa_kernel`` allows), so that calling the kernel directly computes what SDPA would."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None or choose is None:
+        return False
+    if q.device.type != "cpu" or torch.compiler.is_compiling() or v.shape[-1] != q.shape[-1]:
+        return False
+    probe = q[:1, :1, :1]
+    mask = q.new_zeros(1, 1, 1, 1)
+    return choose(probe, probe, probe, mask, 0.0, False) == int(SDPBackend.FLASH_ATTENTION)
 
 
 def _block_formula(
@@ -130,3 +158,104 @@ def _place(weights: Tensor, probs: Tensor, block: RowBlock, key_len: int) -> Non
     rows[..., block.columns] = probs[..., :visible]
     if probs.shape[-1] > visible:
         rows[..., key_len:] = probs[..., visible:]
+
+
+class _TiledFlash(torch.autograd.Function):
+    """The SDPA route of :func:`tiled_attention` as one autograd node: per block, SDPA's CPU
+    flash kernel and its backward, called directly on the block's visible columns.
+
+    Forward keeps only the output and its log-sum-exp ``(N, H, L)``; backward rebuilds each
+    block's mask from the description (no block mask is kept) and adds each block's key and
+    value gradients into their columns in place, so nothing ``(N, Hkv, S, D)``-sized is made per
+    block. Grouped key/value heads are repeated per block, on the visible columns only, and
+    their gradients summed back over each group. Under ``create_graph=True`` the backward
+    differentiates the formula route instead (the same function), which autograd can
+    differentiate again.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
+        n, h, q_len, _ = q.shape
+        out = q.new_zeros(n, h, q_len, v.shape[-1])
+        lse = None
+        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask):
+            o, logsumexp = _FLASH_CPU(q_blk, k_blk, v_blk, 0.0, False, attn_mask=block.mask)
+            if lse is None:
+                lse = logsumexp.new_full((n, h, q_len), float("-inf"))
+            if block.empty is not None:
+                o = o.masked_fill(block.empty, 0.0)
+            out[..., block.start : block.stop, :] = o
+            lse[..., block.start : block.stop] = logsumexp
+        if lse is None:  # no block with a visible key
+            lse = q.new_full((n, h, q_len), float("-inf"))
+        ctx.mask = mask
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        mask = ctx.mask
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            needed = ctx.needs_input_grad[:3]
+            again, _ = tiled_attention(q, k, v, mask, formula=True)
+            wanted = [x for x, need in zip((q, k, v), needed, strict=True) if need]
+            grads = iter(torch.autograd.grad(again, wanted, grad_out, create_graph=True))
+            return (*(next(grads) if need else None for need in needed), None)
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        key_len, group = mask.key_len, q.shape[1] // k.shape[1]
+        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask):
+            rows = slice(block.start, block.stop)
+            g_out = grad_out[..., rows, :]
+            if block.empty is not None:  # constant zero rows: nothing flows back
+                g_out = g_out.masked_fill(block.empty, 0.0)
+            g_q, g_k, g_v = _FLASH_CPU_BACKWARD(
+                g_out.contiguous(),
+                q_blk,
+                k_blk,
+                v_blk,
+                out[..., rows, :],
+                lse[..., rows],
+                0.0,
+                False,
+                attn_mask=block.mask,
+            )
+            grad_q[..., rows, :] = g_q
+            _add_columns(grad_k, _grouped_sum(g_k, group), block, key_len)
+            _add_columns(grad_v, _grouped_sum(g_v, group), block, key_len)
+        return grad_q, grad_k, grad_v, None
+
+
+def _flash_blocks(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask):
+    """``(block, q_blk, k_blk, v_blk)`` for each block with a visible key; k and v repeated to
+    q's heads on the block's columns only."""
+    group = q.shape[1] // k.shape[1]
+    for block in mask.row_blocks(q.device):
+        if block.visible + mask.extra_keys == 0:
+            continue
+        k_blk = take_columns(k, block.columns, mask.key_len, mask.extra_keys)
+        v_blk = take_columns(v, block.columns, mask.key_len, mask.extra_keys)
+        if group > 1:
+            k_blk, v_blk = k_blk.repeat_interleave(group, 1), v_blk.repeat_interleave(group, 1)
+        yield block, q[..., block.start : block.stop, :], k_blk, v_blk
+
+
+def _grouped_sum(grad: Tensor, group: int) -> Tensor:
+    """``(N, H, C, D)`` -> ``(N, Hkv, C, D)``: the gradient of a key/value head shared by
+    ``group`` query heads."""
+    if group == 1:
+        return grad
+    n, h, c, d = grad.shape
+    return grad.view(n, h // group, group, c, d).sum(dim=2)
+
+
+def _add_columns(total: Tensor, grad: Tensor, block: RowBlock, key_len: int) -> None:
+    """Adds a block's key/value gradient ``(N, Hkv, C + X, D)`` into its columns of
+    ``total`` ``(N, Hkv, S + X, D)``."""
+    visible = block.visible
+    if isinstance(block.columns, slice):
+        total[..., block.columns, :] += grad[..., :visible, :]
+    else:
+        total.index_add_(2, block.columns, grad[..., :visible, :])
+    if grad.shape[2] > visible:
+        total[..., key_len:, :] += grad[..., visible:, :]
