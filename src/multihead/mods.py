@@ -105,10 +105,10 @@ class _SlidingWindow(TiledMaskMod):
         self.window, self.causal = window, causal
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        behind = q_idx - kv_idx
+        # Bounds on q_idx (small) compared with kv_idx: no (B, C) integer temporary.
         if self.causal:
-            return (behind >= 0) & (behind < self.window)
-        return behind.abs() < self.window
+            return (kv_idx <= q_idx) & (kv_idx > q_idx - self.window)
+        return (kv_idx > q_idx - self.window) & (kv_idx < q_idx + self.window)
 
     def tile_states(self, q_first, q_last, k_first, k_last):
         w = self.window
@@ -137,7 +137,8 @@ def sliding_window(window: int, *, causal: bool = True) -> TiledMaskMod:
         raise TypeError(f"window: expected an int >= 1, got {type(window).__name__}")
     if window < 1:
         raise ValueError(f"window: expected an int >= 1, got {window}")
-    return _SlidingWindow(window, bool(causal))
+    # Positions stay below 2**62, so a longer window hides nothing; capped, it stays in int64.
+    return _SlidingWindow(min(window, 2**62), bool(causal))
 
 
 def _integer_tensor(name: str, value: object) -> Tensor:
