@@ -29,7 +29,13 @@ def rows_without_keys(b, h, q_idx, kv_idx):
     return (kv_idx <= q_idx) & ((q_idx < 130) | (q_idx >= 140))
 
 
+def two_tiles(b, h, q_idx, kv_idx):
+    """Key tiles 0 and 2 only (tile 1 hidden): the visible columns are not contiguous."""
+    return (kv_idx < 128) | ((kv_idx >= 256) & (kv_idx < 280) & (kv_idx <= q_idx + 200))
+
+
 MODS = {
+    "two_tiles": two_tiles,
     "window": mods.sliding_window(50),
     "window_bidirectional": mods.sliding_window(30, causal=False),
     "document": mods.document(torch.arange(300) // 70),

@@ -377,7 +377,7 @@ class _FusedAttention(torch.autograd.Function):
         elif ctx.direct:
             out, logsumexp = saved[3:]
             grads = _FLASH_CPU_BACKWARD(
-                grad_out.contiguous(),
+                grad_out,
                 q,
                 k,
                 v,
