@@ -110,36 +110,25 @@ class AttentionMask:
             or mask_mod is not None
             or score_mod is not None
         )
-        if tiled:  # positions go to the mods; torch's masks alone become `user`
-            user, _ = canonical_mask(
-                key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask,
-                is_causal=False,
-                batch_size=batch,
-                num_heads=heads,
-                query_len=query_len,
-                key_len=key_len,
-                extra_keys=extra_keys,
-                dtype=dtype,
-                device=device,
-                narrow=False,  # narrowed per block, once the block's constraints are added
-            )
-            offset = int(query_offset)  # tiles are chosen on the host
-        else:
-            user, is_causal = canonical_mask(
-                key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-                batch_size=batch,
-                num_heads=heads,
-                query_len=query_len,
-                key_len=key_len,
-                extra_keys=extra_keys,
-                dtype=dtype,
-                device=device,
-                query_offset=query_offset,
-            )
-            offset = 0  # in `user` already
+        # Tiled: positions go to the mods, torch's masks alone become `user`, narrowed per
+        # block once the block's constraints are added. Otherwise: one mask, SDPA's form.
+        user, causal_flag = canonical_mask(
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            is_causal=is_causal and not tiled,
+            batch_size=batch,
+            num_heads=heads,
+            query_len=query_len,
+            key_len=key_len,
+            extra_keys=extra_keys,
+            dtype=dtype,
+            device=device,
+            query_offset=0 if tiled else query_offset,
+            narrow=not tiled,
+        )
+        # Tiles are chosen on the host, from the query offset; without tiles it is in `user`.
+        offset = int(query_offset) if tiled else 0
+        is_causal = is_causal if tiled else causal_flag
         # Causality, windows and segments never hide a query's own position (nor key 0 under
         # causality); only torch's masks, a user mask_mod, or a window with L != S can.
         keeps = attn_mask is None and key_padding_mask is None and mask_mod is None

@@ -27,6 +27,7 @@ import re
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +79,12 @@ def measure_here(case: Case, impl: str, device: torch.device) -> dict[str, float
     ours, theirs = build_layers(case, device)
     x = build_input(case, device)  # (N, L, E)
     call = make_calls(case, {"ours": ours, "torch": theirs}, x, (impl,))[impl]
+    return peak_of(call, device)
+
+
+def peak_of(call: Callable[[], object], device: torch.device) -> dict[str, float | str]:
+    """Runs ``call`` once and returns what it added at its peak (see the module docstring):
+    ``{"peak_mib": ..., "before_mib": ..., "method": ...}``."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -350,24 +350,7 @@ def measure_here(case: str, mode: str, name: str, config: Config) -> dict[str, f
         small = replace(config, seq_len=256, window=min(config.window, 32))
         build_call(case, mode, name, small, device)()
     call = build_call(case, mode, name, config, device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        call()
-        torch.cuda.synchronize(device)
-        peak, method = torch.cuda.max_memory_allocated(device), "cuda.max_memory_allocated"
-    else:
-        before = memory._resident_bytes()
-        method = "VmHWM after clear_refs" if memory._reset_peak() else "VmHWM (not reset)"
-        call()
-        peak = memory._peak_bytes()
-    return {
-        "peak_mib": (peak - before) / memory.MIB,
-        "before_mib": before / memory.MIB,
-        "method": method,
-    }
+    return memory.peak_of(call, device)
 
 
 def measure(case: str, mode: str, name: str, config: Config, timeout_s: float = 900) -> float:
