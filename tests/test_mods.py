@@ -453,38 +453,75 @@ def test_score_mod_gets_query_head_and_batch_index_with_gqa():
     assert torch.equal(favoured, expected.clamp(max=5).expand(2, 4, 5))
 
 
-def test_mods_are_called_per_tile_on_broadcast_int64_indices():
-    """Mods get ``b (N,1,1,1)``, ``h (1,H,1,1)``, ``q_idx (1,1,B,1)``, ``kv_idx (1,1,1,C)``
-    int64 tiles (score ``(N,H,B,C)``), not one element at a time, and together the tiles cover
-    every (query, key) pair."""
+def test_user_mods_see_what_flex_gives_them_once_per_tile():
+    """A user's mods are called as flex calls them, through torch.vmap on 0-dim int64 tensors
+    (score a 0-dim float64), a few times per tile, not once per element; the result equals
+    the reference over every (query, key) pair."""
     gen = torch.Generator().manual_seed(5)
     n, q_len, k_len = 2, 300, 270
     q, k, v = randn(gen, n, HEADS, q_len, 4), randn(gen, n, 2, k_len, 4), randn(gen, n, 2, k_len, 4)
-    seen = torch.zeros(q_len, k_len, dtype=torch.bool)
     calls = []
+
+    def band(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx + 7
+
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + 0.01 * h - 0.001 * (q_idx - kv_idx).abs()
 
     def mask_mod(b, h, q_idx, kv_idx):
         calls.append("mask")
         for t in (b, h, q_idx, kv_idx):
-            assert t.dtype == torch.int64 and t.dim() == 4
-        assert b.shape == (n, 1, 1, 1) and torch.equal(b.flatten(), torch.arange(n))
-        assert h.shape == (1, HEADS, 1, 1) and torch.equal(h.flatten(), torch.arange(HEADS))
-        assert q_idx.shape[:3] == (1, 1, q_idx.shape[2]) and q_idx.shape[3] == 1
-        assert kv_idx.shape[:3] == (1, 1, 1)
-        seen[q_idx.flatten()[:, None], kv_idx.flatten()[None, :]] = True
-        return kv_idx <= q_idx + 1000
+            assert t.dtype == torch.int64 and t.dim() == 0
+        return band(b, h, q_idx, kv_idx)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         calls.append("score")
-        assert score.shape == (n, HEADS, q_idx.shape[2], kv_idx.shape[3])
-        assert score.dtype == F64
-        return score
+        assert score.dim() == 0 and score.dtype == F64
+        return bias(score, b, h, q_idx, kv_idx)
 
     with torch.no_grad():
         out, _ = multihead.attention(q, k, v, mask_mod=mask_mod, score_mod=score_mod)
-    assert seen.all(), "some (query, key) pairs were never evaluated"
-    assert 0 < len(calls) < 100, f"{len(calls)} calls: not once per tile"
-    close(out, ref.reference_attention(q, k, v)[0])
+    assert 0 < len(calls) < 100, f"{len(calls)} calls: not a few per tile"
+    close(out, ref.reference_attention(q, k, v, mask_mod=band, score_mod=bias)[0])
+
+
+def test_shipped_mods_take_broadcast_index_views():
+    """The shipped mods (``broadcast_safe``) are called once on broadcast views b (N,1,1,1),
+    h (1,H,1,1), q_idx (1,1,B,1), kv_idx (1,1,1,C), and agree with the per-element call."""
+    seen = []
+
+    def recording(b, h, q_idx, kv_idx):
+        seen.append(tuple(t.shape for t in (b, h, q_idx, kv_idx)))
+        return mods.sliding_window(3)(b, h, q_idx, kv_idx)
+
+    recording.broadcast_safe = True
+    grid = (torch.arange(2), torch.arange(3), torch.arange(5, 9), torch.arange(6))
+    broadcast = mods.on_grid(recording, *grid)
+    assert seen == [((2, 1, 1, 1), (1, 3, 1, 1), (1, 1, 4, 1), (1, 1, 1, 6))]
+    per_element = mods.on_grid(lambda *idx: mods.sliding_window(3)(*idx), *grid)
+    assert per_element.shape == (2, 3, 4, 6)
+    assert torch.equal(broadcast.expand(2, 3, 4, 6), per_element)
+
+
+def test_flex_semantics_for_chained_indexing_and_reductions():
+    """What flex's per-element calls mean, here too: ``t[h][q_idx]`` indexes one element, and
+    a reduction over an index (``q_idx.max()``) is that index itself."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (
+        randn(gen, 2, HEADS, 150, 4),
+        randn(gen, 2, HEADS, 140, 4),
+        randn(gen, 2, HEADS, 140, 4),
+    )
+    table = randn(gen, HEADS, 150)
+    out, _ = multihead.attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + table[h][qi])
+    close(out, multihead.attention(q, k, v, mask=table[None, :, :, None].expand(2, -1, -1, 140))[0])
+    positions_q, positions_k = torch.arange(150)[:, None], torch.arange(140)[None, :]
+    # int64 / int64 is float32 in torch, in flex's calls as in this grid.
+    bias = -((positions_q - positions_k).abs() / (positions_q + 1)).to(F64)
+    out, _ = multihead.attention(
+        q, k, v, score_mod=lambda s, b, h, qi, ki: s - (qi - ki).abs() / (qi.max() + 1)
+    )
+    close(out, multihead.attention(q, k, v, mask=bias)[0])
 
 
 def test_dropout_applies_to_the_weights_after_the_mods():
@@ -1157,8 +1194,9 @@ def test_non_callable_mods_are_refused(name, bad):
         lambda b, h, q_idx, kv_idx: q_idx - kv_idx,  # int64, not bool
         lambda b, h, q_idx, kv_idx: torch.ones(5, dtype=torch.bool),  # does not broadcast
         lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx).unsqueeze(0).expand(3, -1, -1, -1, -1),
+        lambda b, h, q_idx, kv_idx: (q_idx % 5 == 0).view(-1, 1),  # (1, 1) per call
     ],
-    ids=["float", "int", "shape", "rank"],
+    ids=["float", "int", "shape", "rank", "per_call_shape"],
 )
 def test_bad_mask_mod_results_are_refused(mask_mod):
     with pytest.raises((TypeError, ValueError), match="mask_mod"):
@@ -1195,13 +1233,12 @@ def test_score_mod_result_may_broadcast_smaller():
 @pytest.mark.parametrize(
     "mask_mod",
     [
-        lambda b, h, q_idx, kv_idx: q_idx % 3 != 1,  # (1, 1, B, 1): whole rows
-        lambda b, h, q_idx, kv_idx: kv_idx % 4 != 0,  # (1, 1, 1, C): whole columns
-        lambda b, h, q_idx, kv_idx: (b == 0) | (h != 1),  # (N, H, 1, 1)
-        lambda b, h, q_idx, kv_idx: torch.tensor(True),  # 0-dim
-        lambda b, h, q_idx, kv_idx: (q_idx % 5 == 0).view(-1, 1),  # (B, 1), fewer dims
+        lambda b, h, q_idx, kv_idx: q_idx % 3 != 1,  # depends on the row only
+        lambda b, h, q_idx, kv_idx: kv_idx % 4 != 0,  # on the column only
+        lambda b, h, q_idx, kv_idx: (b == 0) | (h != 1),  # on batch and head only
+        lambda b, h, q_idx, kv_idx: torch.tensor(True),  # on nothing
     ],
-    ids=["rows", "columns", "batch_head", "scalar", "2d"],
+    ids=["rows", "columns", "batch_head", "scalar"],
 )
 @pytest.mark.parametrize(("q_len", "k_len"), [(1, 129), (150, 200), (5, 7)])
 def test_mask_mod_results_may_broadcast_smaller(mask_mod, q_len, k_len):

@@ -285,14 +285,13 @@ class AttentionMask:
     def allowed(self, start: int, stop: int, kv_idx: Tensor, device: torch.device) -> Tensor:
         """The combined mask_mod on query rows ``[start, stop)`` and key positions ``kv_idx``
         ``(C,)``: bool ``(N|1, H|1, B, C)``, True = attend."""
-        b, h, q_idx = self._indices(start, stop, device)
-        result = self.constraint(b, h, q_idx, kv_idx.view(1, 1, 1, -1))
+        grid = (*self._indices(start, stop, device), kv_idx)
+        mod = self.constraint
+        if not getattr(mod, "broadcast_safe", False):
+            _check_result("mask_mod", _called("mask_mod", mods.probe, mod, None, *grid), False)
+        result = _called("mask_mod", mods.on_grid, mod, *grid)
+        _check_result("mask_mod", result, floating=False)
         shape = (self.batch, self.heads, stop - start, kv_idx.numel())
-        if not isinstance(result, Tensor) or result.dtype != torch.bool:
-            raise TypeError(
-                "mask_mod: expected a function returning a bool tensor (True = attend), got "
-                + (f"dtype {result.dtype}" if isinstance(result, Tensor) else type(result).__name__)
-            )
         _check_broadcast("mask_mod", result, shape)
         if result.dim() < 4:
             result = result.view((1,) * (4 - result.dim()) + tuple(result.shape))
@@ -304,27 +303,53 @@ class AttentionMask:
         position and keep their logits)."""
         if self.softcap is not None:
             scores = soft_capped(scores, self.softcap)
-        if self.score_mod is None or kv_idx is None or kv_idx.numel() == 0:
+        mod = self.score_mod
+        if mod is None or kv_idx is None or kv_idx.numel() == 0:
             return scores
         real = kv_idx.numel()
-        b, h, q_idx = self._indices(start, start + scores.shape[-2], scores.device)
-        modded = self.score_mod(scores[..., :real], b, h, q_idx, kv_idx.view(1, 1, 1, -1))
-        if not isinstance(modded, Tensor) or not modded.is_floating_point():
-            raise TypeError(
-                "score_mod: expected a function returning a floating tensor, got "
-                + (f"dtype {modded.dtype}" if isinstance(modded, Tensor) else type(modded).__name__)
-            )
+        grid = (*self._indices(start, start + scores.shape[-2], scores.device), kv_idx)
+        if not getattr(mod, "broadcast_safe", False):
+            _check_result("score_mod", _called("score_mod", mods.probe, mod, scores, *grid), True)
+        modded = _called("score_mod", mods.on_grid, mod, *grid, score=scores[..., :real])
+        _check_result("score_mod", modded, floating=True)
         target = (*scores.shape[:-1], real)
         _check_broadcast("score_mod", modded, target)
         modded = modded.to(scores.dtype).expand(target)
         return modded if real == scores.shape[-1] else torch.cat([modded, scores[..., real:]], -1)
 
     def _indices(self, start: int, stop: int, device: torch.device) -> tuple[Tensor, ...]:
-        b = torch.arange(self.batch, device=device).view(-1, 1, 1, 1)
-        h = torch.arange(self.heads, device=device).view(1, -1, 1, 1)
+        """b ``(N,)``, h ``(H,)`` and the absolute query positions ``(B,)``, int64."""
         offset = self.query_offset
-        q_idx = torch.arange(start + offset, stop + offset, device=device).view(1, 1, -1, 1)
-        return b, h, q_idx
+        return (
+            torch.arange(self.batch, device=device),
+            torch.arange(self.heads, device=device),
+            torch.arange(start + offset, stop + offset, device=device),
+        )
+
+
+def _called(name: str, evaluate, *args, **kwargs) -> object:
+    """``evaluate(*args)``, where a torch error raised inside the user's mod (a shape that
+    does not fit, an index out of range) becomes a ValueError that names the argument and
+    says how it was called; the original error is its cause."""
+    try:
+        return evaluate(*args, **kwargs)
+    except (RuntimeError, IndexError) as error:
+        raise ValueError(
+            f"{name}: calling it raised {type(error).__name__}: {error} (a mod is called as "
+            "FlexAttention calls it, on 0-dim int64 tensors b, h, q_idx, kv_idx, through "
+            "torch.vmap; it must return one value per call)"
+        ) from error
+
+
+def _check_result(name: str, result: object, floating: bool) -> None:
+    """A mod's result is a tensor: floating for a score_mod, bool for a mask_mod."""
+    if isinstance(result, Tensor) and (
+        result.is_floating_point() if floating else result.dtype == torch.bool
+    ):
+        return
+    expected = "a floating tensor" if floating else "a bool tensor (True = attend)"
+    got = f"dtype {result.dtype}" if isinstance(result, Tensor) else type(result).__name__
+    raise TypeError(f"{name}: expected a function returning {expected}, got {got}")
 
 
 def as_causal_flag(mask_mod: MaskMod | None, is_causal: bool) -> tuple[MaskMod | None, bool]:

@@ -54,6 +54,9 @@ class TiledMaskMod:
     # True when tile_states finds every tile that is hidden entirely (the kernel then trusts
     # it and does not look for more in the mod's values).
     exact_tiles: bool = False
+    # True when calling it once on broadcast index tensors gives what flex's per-element
+    # calls give (see on_grid); only the mods written here say so.
+    broadcast_safe: bool = False
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -79,8 +82,46 @@ def tile_states(
     return TiledMaskMod.tile_states(None, q_first, q_last, k_first, k_last)  # type: ignore[arg-type]
 
 
+def on_grid(
+    mod: Callable[..., Tensor],
+    b: Tensor,
+    h: Tensor,
+    q_idx: Tensor,
+    kv_idx: Tensor,
+    score: Tensor | None = None,
+) -> Tensor:
+    """``mod`` on every (b, h, q_idx, kv_idx) of a grid: b ``(N,)``, h ``(H,)``, q_idx
+    ``(B,)``, kv_idx ``(C,)`` int64, and for a score_mod the scores ``(N, H, B, C)``. The
+    result broadcasts to ``(N, H, B, C)``.
+
+    The mods shipped here (``broadcast_safe``) are called once on broadcast views
+    ``(N, 1, 1, 1)``, ``(1, H, 1, 1)``, ``(1, 1, B, 1)``, ``(1, 1, 1, C)``. Any other mod is
+    called through nested ``torch.vmap`` over the four indices, as FlexAttention calls it
+    (``_vmap_for_bhqkv``): it sees 0-dim tensors, so chained indexing (``t[h][q_idx]``),
+    reductions over an index and shape-dependent code mean exactly what they mean in flex.
+    """
+    grid = (b, h, q_idx, kv_idx)
+    if getattr(mod, "broadcast_safe", False):
+        views = [x.view([-1 if i == at else 1 for i in range(4)]) for at, x in enumerate(grid)]
+        return mod(*views) if score is None else mod(score, *views)
+    fn = mod
+    for at in (3, 2, 1, 0):  # innermost kv_idx, outermost b (flex's order)
+        dims = tuple(0 if i == at else None for i in range(4))
+        fn = torch.vmap(fn, in_dims=dims if score is None else (0, *dims))
+    return fn(*grid) if score is None else fn(score, *grid)
+
+
+def probe(mod: Callable[..., Tensor], score: Tensor | None, *grid: Tensor) -> object:
+    """``mod`` on the first point of the grid (0-dim tensors), as a cheap check of what it
+    returns before it is mapped over a tile."""
+    point = [x[0] for x in grid]
+    return mod(*point) if score is None else mod(score.reshape(-1)[0], *point)
+
+
 class _Causal(TiledMaskMod):
     """Query i attends to keys j <= i (flex's ``causal_mask``)."""
+
+    broadcast_safe = True
 
     exact_tiles = True
 
@@ -99,6 +140,7 @@ causal: TiledMaskMod = _Causal()
 
 
 class _SlidingWindow(TiledMaskMod):
+    broadcast_safe = True
     exact_tiles = True
 
     def __init__(self, window: int, causal: bool) -> None:
@@ -150,6 +192,8 @@ def _integer_tensor(name: str, value: object) -> Tensor:
 
 
 class _Document(TiledMaskMod):
+    broadcast_safe = True
+
     def __init__(self, ids: Tensor) -> None:
         self.ids = ids  # (N, S)
 
@@ -204,6 +248,7 @@ def document(document_ids: Tensor) -> TiledMaskMod:
 
 
 class _PrefixLM(TiledMaskMod):
+    broadcast_safe = True
     exact_tiles = True
 
     def __init__(self, prefix: int | Tensor) -> None:
@@ -259,6 +304,7 @@ class _Combined(TiledMaskMod):
         # A union is hidden where every part is; an intersection may be hidden where no part
         # is, which the parts' states cannot tell.
         self.exact_tiles = not both and all(getattr(mod, "exact_tiles", False) for mod in mods)
+        self.broadcast_safe = all(getattr(mod, "broadcast_safe", False) for mod in mods)
 
     def __call__(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         result = torch.full((), self.both, dtype=torch.bool, device=q_idx.device)
@@ -268,6 +314,9 @@ class _Combined(TiledMaskMod):
         return result
 
     def tile_states(self, q_first, q_last, k_first, k_last):
+        if not self.mods:  # and_masks(): everything shown; or_masks(): everything hidden
+            shape = torch.broadcast_shapes(q_first.shape, k_first.shape)
+            return torch.full(shape, not self.both), torch.full(shape, self.both)
         states = [tile_states(mod, q_first, q_last, k_first, k_last) for mod in self.mods]
         empties = torch.stack([torch.broadcast_to(e, states[0][0].shape) for e, _ in states])
         fulls = torch.stack([torch.broadcast_to(f, states[0][0].shape) for _, f in states])
@@ -281,8 +330,6 @@ class _Combined(TiledMaskMod):
 
 
 def _check_mods(name: str, mods: tuple[object, ...]) -> tuple[MaskMod, ...]:
-    if not mods:
-        raise ValueError(f"{name}: expected at least one mask_mod, got none")
     for mod in mods:
         if not callable(mod):
             raise TypeError(f"{name}: expected callable mask_mods, got {type(mod).__name__}")
@@ -290,13 +337,15 @@ def _check_mods(name: str, mods: tuple[object, ...]) -> tuple[MaskMod, ...]:
 
 
 def and_masks(*mask_mods: MaskMod) -> TiledMaskMod:
-    """mask_mod that attends where every one of ``mask_mods`` attends (flex's ``and_masks``);
-    it keeps the shipped mods' tile knowledge, so skipping still works."""
+    """mask_mod that attends where every one of ``mask_mods`` attends (flex's ``and_masks``;
+    with none, everywhere); it keeps the shipped mods' tile knowledge, so skipping still
+    works."""
     return _Combined(_check_mods("and_masks", mask_mods), both=True)
 
 
 def or_masks(*mask_mods: MaskMod) -> TiledMaskMod:
-    """mask_mod that attends where any of ``mask_mods`` attends (flex's ``or_masks``)."""
+    """mask_mod that attends where any of ``mask_mods`` attends (flex's ``or_masks``; with
+    none, nowhere)."""
     return _Combined(_check_mods("or_masks", mask_mods), both=False)
 
 
@@ -344,6 +393,7 @@ def alibi(slopes: Tensor) -> ScoreMod:
     def alibi_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return score + slopes[h] * (kv_idx - q_idx)
 
+    alibi_bias.broadcast_safe = True  # type: ignore[attr-defined]
     return alibi_bias
 
 
@@ -364,6 +414,7 @@ def tanh_softcap(softcap: float) -> ScoreMod:
     def softcap_score(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return soft_capped(score, cap)
 
+    softcap_score.broadcast_safe = True  # type: ignore[attr-defined]
     return softcap_score
 
 
@@ -383,6 +434,8 @@ class RelativePositionBias(nn.Module):
     initialised as ``nn.Embedding``. An instance is called as a score_mod, so its gradient
     flows to ``weight``.
     """
+
+    broadcast_safe = True
 
     def __init__(
         self,
