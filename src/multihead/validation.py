@@ -377,6 +377,15 @@ def check_attention_arguments(
 def check_mods(mask_mod: object, score_mod: object) -> None:
     """``mask_mod`` and ``score_mod`` are callables (flex's signatures) or None. What they
     return is checked where they are called, on the first tile."""
+    if type(mask_mod).__name__ == "BlockMask" and callable(getattr(mask_mod, "mask_mod", None)):
+        raise TypeError(
+            invalid(
+                "mask_mod",
+                "a mask_mod callable; for a flex BlockMask pass its mask_mod (block_mask."
+                "mask_mod): tiles are found per call here",
+                "a torch.nn.attention.flex_attention.BlockMask",
+            )
+        )
     for name, mod, signature in (
         ("mask_mod", mask_mod, "mask_mod(b, h, q_idx, kv_idx) -> bool tensor"),
         ("score_mod", score_mod, "score_mod(score, b, h, q_idx, kv_idx) -> tensor"),
@@ -475,8 +484,10 @@ def check_extras(
             raise ValueError(
                 invalid(
                     "cache",
-                    "key and value that are query itself (layer(x, x, x, cache=cache)): the "
-                    "cache holds the new tokens' own keys and values",
+                    "key and value that are query itself, the same tensor object "
+                    "(layer(x, x, x, cache=cache); a slice made three times, x[:, i:j], is "
+                    "three objects: name it once): the cache holds the new tokens' own keys "
+                    "and values",
                     "a key or value tensor other than query",
                 )
             )
