@@ -60,7 +60,7 @@ def test_the_flash_route_equals_the_formula_route(name, kv_heads):
     )
     fast, _ = tiled.tiled_attention(q, k, v, mask)
     slow, _ = tiled.tiled_attention(q, k, v, mask, formula=True)
-    if tiled._flash_direct(q, v):  # the route under test is the one taken
+    if tiled._flash_direct(q, k, v):  # the route under test is the one taken
         assert type(fast.grad_fn).__name__ == "_TiledFlashBackward"
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     upstream = randn(gen, *fast.shape)
@@ -103,7 +103,7 @@ def test_hidden_tiles_are_never_computed(monkeypatch):
     tiles are dropped the same way; documents aligned to tiles need exactly their own."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (randn(gen, 1, 2, 1024, 8) for _ in range(3))
-    if not tiled._flash_direct(q, v):
+    if not tiled._flash_direct(q, k, v):
         pytest.skip("SDPA's CPU flash kernel is not available here")
     seen = computed_columns(monkeypatch)
     with torch.no_grad():

@@ -287,7 +287,7 @@ class AttentionMask:
         ``(C,)``: bool ``(N|1, H|1, B, C)``, True = attend."""
         grid = (*self._indices(start, stop, device), kv_idx)
         mod = self.constraint
-        if not getattr(mod, "broadcast_safe", False):
+        if not getattr(mod, "broadcast_safe", False) and all(x.numel() for x in grid):
             _check_result("mask_mod", _called("mask_mod", mods.probe, mod, None, *grid), False)
         result = _called("mask_mod", mods.on_grid, mod, *grid)
         _check_result("mask_mod", result, floating=False)
@@ -308,7 +308,7 @@ class AttentionMask:
             return scores
         real = kv_idx.numel()
         grid = (*self._indices(start, start + scores.shape[-2], scores.device), kv_idx)
-        if not getattr(mod, "broadcast_safe", False):
+        if not getattr(mod, "broadcast_safe", False) and all(x.numel() for x in grid):
             _check_result("score_mod", _called("score_mod", mods.probe, mod, scores, *grid), True)
         modded = _called("score_mod", mods.on_grid, mod, *grid, score=scores[..., :real])
         _check_result("score_mod", modded, floating=True)
@@ -402,7 +402,10 @@ def take_columns(x: Tensor, columns: slice | Tensor, key_len: int, extra: int) -
 
 
 def _take_columns(mask: Tensor, columns: slice | Tensor, key_len: int, extra: int) -> Tensor:
-    """The same columns of an additive mask ``(…, S + X)``."""
+    """The same columns of an additive mask ``(…, S + X)``; a mask broadcast over keys
+    (last dim 1) is the same for every column, and is kept whole."""
+    if mask.shape[-1] == 1 and key_len + extra != 1:
+        return mask
     return take_columns(mask.unsqueeze(-1), columns, key_len, extra).squeeze(-1)
 
 

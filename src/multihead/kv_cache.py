@@ -97,6 +97,31 @@ class KVCache(nn.Module):
         self.position += k_new.shape[2]
         return self.k, self.v
 
+    def undo_point(self, tokens: int) -> tuple:
+        """What :meth:`undo` needs to take back the next :meth:`update` of ``tokens`` tokens
+        and a :meth:`claim`: the buffers, the fill level, the slots about to be written and
+        the owner (a failed call then leaves the cache bitwise as it was)."""
+        start = int(self.position)
+        stop = min(start + tokens, self.max_len)
+        return (
+            self.k,
+            self.v,
+            self.position,
+            start,
+            self.k[:, :, start:stop].clone(),
+            self.v[:, :, start:stop].clone(),
+            self._owner,
+        )
+
+    def undo(self, point: tuple) -> None:
+        """Restores the cache to :meth:`undo_point`'s state."""
+        k, v, position, start, old_k, old_v, owner = point
+        if self.k is k:  # written in place (not into a copy of inference-mode buffers)
+            k[:, :, start : start + old_k.shape[2]] = old_k
+            v[:, :, start : start + old_v.shape[2]] = old_v
+            position.fill_(start)
+        self.k, self.v, self.position, self._owner = k, v, position, owner
+
     def __getstate__(self) -> dict:
         # A weak reference cannot be pickled; a copy starts without an owner.
         state = self.__dict__.copy()

@@ -393,20 +393,19 @@ class MultiheadAttention(nn.Module):
         if self.rope:
             q, k = self._rotate(q, k, offset)
         key_len = call.key_len
+        undo = None  # a user's mod may raise after the update: then the cache is restored
         if cache is not None:
+            undo = cache.undo_point(call.query_len) if call.mask_mod or call.score_mod else None
             k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
             if k.dtype != q.dtype:  # under autocast the cache may hold another precision
                 k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset)
-        out, weights = self._attend(
-            q, k, v, mask, cache, offset, need_weights, average_attn_weights
-        )
+        out, weights = self._attend(q, k, v, mask, cache, undo, need_weights, average_attn_weights)
         out = merge_heads(out, call.batch_first)  # (N, L, E) or (L, N, E)
-        out = F.linear(
-            out, self.out_proj.weight, _bias_like(self.out_proj.bias, self.out_proj.weight)
-        )
+        out_proj = self.out_proj
+        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
         if not call.is_batched:
             out = out.squeeze(0)  # (L, E)
             weights = None if weights is None else weights.squeeze(0)
@@ -448,14 +447,15 @@ class MultiheadAttention(nn.Module):
         v: Tensor,
         mask: AttentionMask,
         cache: KVCache | None,
-        offset: int | Tensor,
+        undo: tuple | None,
         need_weights: bool,
         average_weights: bool,
     ) -> tuple[Tensor, Tensor | None]:
         """out ``(N, H, L, D)`` and weights ``(N, [H,] L, S + X)`` or None. If a user's mod
-        raises, a cache's fill level goes back to where it was, so the call changed nothing."""
+        raises (or the call is interrupted), the cache is restored from ``undo``: the call
+        changed nothing. The cache becomes this layer's only once the call has succeeded."""
         try:
-            return attention_core(
+            result = attention_core(
                 q,
                 k,
                 v,
@@ -464,10 +464,13 @@ class MultiheadAttention(nn.Module):
                 need_weights=need_weights,
                 average_weights=average_weights,
             )
-        except Exception:
-            if cache is not None:
-                cache.position.copy_(offset)
+        except BaseException:
+            if undo is not None:
+                cache.undo(undo)
             raise
+        if cache is not None:
+            cache.claim(self)
+        return result
 
     def _check_call(
         self,
@@ -521,8 +524,6 @@ class MultiheadAttention(nn.Module):
             autocast=autocast,
         )
         check_mods(mask_mod, score_mod)
-        if cache is not None:
-            cache.claim(self)
         return _Call(
             is_batched=is_batched,
             batch_first=self.batch_first or not is_batched,  # unbatched becomes (1, L, E)

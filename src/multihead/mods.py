@@ -244,7 +244,7 @@ def document(document_ids: Tensor) -> TiledMaskMod:
     ids = _integer_tensor("document_ids", document_ids)
     if ids.dim() not in (1, 2):
         raise ValueError(f"document_ids: expected (N, S) or (S,), got shape {tuple(ids.shape)}")
-    return _Document(ids.reshape(-1, ids.shape[-1]).long())
+    return _Document((ids if ids.dim() == 2 else ids[None]).long())
 
 
 class _PrefixLM(TiledMaskMod):
@@ -310,6 +310,12 @@ class _Combined(TiledMaskMod):
         result = torch.full((), self.both, dtype=torch.bool, device=q_idx.device)
         for mod in self.mods:
             part = mod(b, h, q_idx, kv_idx)
+            if not isinstance(part, Tensor) or part.dtype != torch.bool:
+                got = f"dtype {part.dtype}" if isinstance(part, Tensor) else type(part).__name__
+                raise TypeError(
+                    f"mask_mod: expected every combined mask_mod to return a bool tensor "
+                    f"(True = attend), got {got} from {mod!r}"
+                )
             result = (result & part) if self.both else (result | part)
         return result
 

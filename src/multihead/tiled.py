@@ -71,7 +71,10 @@ def tiled_attention(
     )
     grad = torch.is_grad_enabled() and not functional_autodiff
     user_grad = grad and mask.user is not None and mask.user.requires_grad
-    if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, v):
+    # A non-finite key at a hidden position would reach a kernel that adds -inf to its
+    # logit (NaN); the formula sets hidden logits instead.
+    formula = formula or not bool(torch.isfinite(k).all())
+    if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, k, v):
         return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
     weights = None
@@ -96,8 +99,9 @@ def tiled_attention(
         outs.append(out)
         if weights is not None:
             _place(weights, probs.mean(dim=1) if average_weights else probs, block, key_len)
-    out = torch.cat(outs, dim=2) if outs else q.new_zeros(n, h, 0, v.shape[-1])
-    return out, weights
+    if not outs:  # no query: the formula over no row, still on the graph
+        return weighted_values(attention_logits(q, k), v), weights
+    return torch.cat(outs, dim=2), weights
 
 
 # SDPA's CPU flash kernel and its backward (torch >= 2.3; None elsewhere), called directly.
@@ -107,7 +111,7 @@ _FLASH_CPU_BACKWARD = getattr(
 )
 
 
-def _flash_direct(q: Tensor, v: Tensor) -> bool:
+def _flash_direct(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether SDPA itself would take its CPU flash kernel for q's dtype, device and layout
     with a mask (torch's own choice, ``_fused_sdp_choice``, which also honours the backends
     ``sdpa_kernel`` allows), so that calling the kernel directly computes what SDPA would."""
@@ -115,6 +119,8 @@ def _flash_direct(q: Tensor, v: Tensor) -> bool:
     if _FLASH_CPU is None or _FLASH_CPU_BACKWARD is None or choose is None:
         return False
     if q.device.type != "cpu" or torch.compiler.is_compiling() or v.shape[-1] != q.shape[-1]:
+        return False
+    if any(x.stride(-1) != 1 for x in (q, k, v)):  # the kernel reads rows as contiguous
         return False
     probe = q[:1, :1, :1]
     mask = q.new_zeros(1, 1, 1, 1)
