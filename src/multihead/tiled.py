@@ -26,6 +26,8 @@ query block), evaluated eagerly per call, with a backward on CPU.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,7 +80,12 @@ def tiled_attention(
         return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
     weights = None
-    if need_weights:
+    # Inference writes each block's weights into one buffer; under autograd or a torch.func
+    # transform they are built out of place (in-place writes into a buffer that does not
+    # require grad, or is not batched, are refused there) and concatenated.
+    in_place = need_weights and not grad and not functional_autodiff
+    rows_of_weights: list[Tensor] = []
+    if in_place:
         shape = (n, q_len, key_len + extra) if average_weights else (n, h, q_len, key_len + extra)
         weights = q.new_zeros(shape)
     for block in mask.row_blocks(q.device, skip=not functional_autodiff):
@@ -93,14 +100,26 @@ def tiled_attention(
         run = _block_formula
         args = (q_blk, k_blk, v_blk, block.mask, block, mask, dropout_p, need_weights)
         if grad:
-            out, probs = checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True)
+            recheck = _Fingerprint() if mask.score_mod is not None else None
+            out, probs = checkpoint(
+                run, *args, recheck, use_reentrant=False, preserve_rng_state=True
+            )
         else:
             out, probs = run(*args)
         outs.append(out)
-        if weights is not None:
-            _place(weights, probs.mean(dim=1) if average_weights else probs, block, key_len)
+        if need_weights:
+            probs = probs.mean(dim=1) if average_weights else probs
+            if in_place:
+                _place(weights, probs, block, key_len)
+            else:
+                rows_of_weights.append(_full_width(probs, block, key_len))
+    if need_weights and not in_place:
+        weights = torch.cat(rows_of_weights, dim=-2) if rows_of_weights else None
     if not outs:  # no query: the formula over no row, still on the graph
-        return weighted_values(attention_logits(q, k), v), weights
+        probs = torch.softmax(attention_logits(q, k), dim=-1)  # (N, H, 0, S + X)
+        if need_weights and weights is None:
+            weights = probs.mean(dim=1) if average_weights else probs
+        return weighted_values(probs, v), weights
     return torch.cat(outs, dim=2), weights
 
 
@@ -136,9 +155,16 @@ def _block_formula(
     mask: AttentionMask,
     dropout_p: float,
     need_weights: bool,
+    fingerprint: _Fingerprint | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(transform(q k^T / sqrt(D)) + mask) v for one block: out ``(N, H, B, D)`` and,
     if asked, the probabilities ``(N, H, B, C + X)``."""
+    dtype = q_blk.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        # Scores, score transforms, softmax and the weighted sum in float32, as FlexAttention
+        # computes them: a score_mod's bias (ALiBi over hundreds of positions) would lose
+        # most of its digits in 8 bits of mantissa.
+        q_blk, k_blk, v_blk = q_blk.float(), k_blk.float(), v_blk.float()
     scores = attention_logits(q_blk, k_blk)  # (N, H, B, C + X)
     kv_idx = column_positions(block.columns, q_blk.device)
     scores = mask.scores(scores, block.start, kv_idx)
@@ -146,15 +172,61 @@ def _block_formula(
         # Hidden keys are set, not only added to: a score_mod (or an infinite logit) may give
         # them inf or NaN, which -inf added to would not hide.
         scores = (scores + block_mask).masked_fill(block_mask == float("-inf"), float("-inf"))
+    if fingerprint is not None:  # before any op that saves a tensor: see _Fingerprint
+        fingerprint.check(scores)
+    empty = block.empty
+    if mask.score_mod is not None:  # a score_mod may hide every key of a row itself (-inf)
+        gone = (scores == float("-inf")).all(dim=-1, keepdim=True)
+        scores = scores.masked_fill(gone, 0.0)
+        empty = gone if empty is None else empty | gone
     probs = torch.softmax(scores, dim=-1)
-    if block.empty is not None:
-        probs = probs.masked_fill(block.empty, 0.0)
+    if empty is not None:
+        probs = probs.masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = weighted_values(probs, v_blk)
-    if block.empty is not None:  # selected: hidden values may be NaN, and 0 * NaN is NaN
-        out = out.masked_fill(block.empty, 0.0)
-    return out, probs if need_weights else None
+    if empty is not None:  # selected: hidden values may be NaN, and 0 * NaN is NaN
+        out = out.masked_fill(empty, 0.0)
+    return out.to(dtype), probs.to(dtype) if need_weights else None
+
+
+class _Fingerprint:
+    """The sum of a block's finite scores (after the score_mod and the mask) at their first
+    computation; the checkpoint's recomputation in backward must give it again, bit for bit
+    (the same ops on the same inputs). A score_mod that reads state changed since the forward
+    (a late-bound closure variable, a refilled buffer) would otherwise give the gradient of
+    another function: it raises instead. Checked before the block's first op that saves a
+    tensor for backward, since the recomputation stops once it has them all (checkpoint's
+    early stop)."""
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def check(self, scores: Tensor) -> None:
+        finite = torch.nan_to_num(scores.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+        value = finite.sum(dtype=torch.float64)
+        if self.value is None:
+            self.value = value
+        elif not torch.equal(value, self.value):
+            raise RuntimeError(
+                "score_mod: it gave other values in backward than in forward (the backward "
+                "recomputes each block's scores with it); a mod must be a pure function of "
+                "its arguments and of captured tensors left unchanged until backward (in a "
+                "loop, bind loop variables as default arguments: lambda ..., w=w: ...)"
+            )
+
+
+def _full_width(probs: Tensor, block: RowBlock, key_len: int) -> Tensor:
+    """One block's weights ``(…, B, C + X)`` spread over all ``S + X`` columns, out of place:
+    zeros on the hidden keys."""
+    visible, real = block.visible, probs[..., : block.visible]
+    if isinstance(block.columns, slice):
+        before, after = block.columns.start, key_len - block.columns.stop
+        real = F.pad(real, (before, after))
+    else:
+        zeros = probs.new_zeros((*probs.shape[:-1], key_len))
+        real = zeros.index_copy(-1, block.columns, real)
+    return torch.cat([real, probs[..., visible:]], dim=-1) if probs.shape[-1] > visible else real
 
 
 def _place(weights: Tensor, probs: Tensor, block: RowBlock, key_len: int) -> None:
@@ -184,7 +256,9 @@ class _TiledFlash(torch.autograd.Function):
         n, h, q_len, _ = q.shape
         out = q.new_zeros(n, h, q_len, v.shape[-1])
         lse = None
-        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask):
+        kept = []  # the blocks as evaluated now: backward never calls the mods again
+        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask, mask.row_blocks(q.device)):
+            kept.append(_kept(block, binary=mask.user is None))
             o, logsumexp = _FLASH_CPU(q_blk, k_blk, v_blk, 0.0, False, attn_mask=block.mask)
             if lse is None:
                 lse = logsumexp.new_full((n, h, q_len), float("-inf"))
@@ -194,7 +268,7 @@ class _TiledFlash(torch.autograd.Function):
             lse[..., block.start : block.stop] = logsumexp
         if lse is None:  # no block with a visible key
             lse = q.new_full((n, h, q_len), float("-inf"))
-        ctx.mask = mask
+        ctx.mask, ctx.blocks = mask, kept
         ctx.save_for_backward(q, k, v, out, lse)
         return out
 
@@ -210,7 +284,8 @@ class _TiledFlash(torch.autograd.Function):
             return (*(next(grads) if need else None for need in needed), None)
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         key_len, group = mask.key_len, q.shape[1] // k.shape[1]
-        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask):
+        blocks = (_restored(block, q.dtype) for block in ctx.blocks)
+        for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask, blocks):
             rows = slice(block.start, block.stop)
             g_out = grad_out[..., rows, :]
             if block.empty is not None:  # constant zero rows: nothing flows back
@@ -232,11 +307,28 @@ class _TiledFlash(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
-def _flash_blocks(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask):
-    """``(block, q_blk, k_blk, v_blk)`` for each block with a visible key; k and v repeated to
-    q's heads on the block's columns only."""
+def _kept(block: RowBlock, binary: bool) -> RowBlock:
+    """``block`` as kept for backward. A ``binary`` mask (0 and -inf only: the mods' verdicts,
+    no user mask) is kept as bool (True = hidden), a quarter of its float size."""
+    if block.mask is None or not binary:
+        return block
+    return replace(block, mask=block.mask == float("-inf"))
+
+
+def _restored(block: RowBlock, dtype: torch.dtype) -> RowBlock:
+    """The additive mask of a :func:`_kept` block."""
+    mask = block.mask
+    if mask is None or mask.dtype != torch.bool:
+        return block
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    return replace(block, mask=torch.where(mask, zero - float("inf"), zero))
+
+
+def _flash_blocks(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask, blocks):
+    """``(block, q_blk, k_blk, v_blk)`` for each of ``blocks`` with a visible key; k and v
+    repeated to q's heads on the block's columns only."""
     group = q.shape[1] // k.shape[1]
-    for block in mask.row_blocks(q.device):
+    for block in blocks:
         if block.visible + mask.extra_keys == 0:
             continue
         k_blk = take_columns(k, block.columns, mask.key_len, mask.extra_keys)
