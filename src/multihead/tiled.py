@@ -75,7 +75,9 @@ def tiled_attention(
     user_grad = grad and mask.user is not None and mask.user.requires_grad
     # A non-finite key at a hidden position would reach a kernel that adds -inf to its
     # logit (NaN); the formula sets hidden logits instead.
-    formula = formula or not bool(torch.isfinite(k).all())
+    # (The sum of all keys is finite when each is, unless it overflows, which only sends a
+    # call to the formula: one pass, no key-sized temporary.)
+    formula = formula or not bool(torch.isfinite(k.sum()))
     if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, k, v):
         return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
@@ -257,8 +259,10 @@ class _TiledFlash(torch.autograd.Function):
         out = q.new_zeros(n, h, q_len, v.shape[-1])
         lse = None
         kept = []  # the blocks as evaluated now: backward never calls the mods again
+        backward = any(ctx.needs_input_grad[:3])
         for block, q_blk, k_blk, v_blk in _flash_blocks(q, k, v, mask, mask.row_blocks(q.device)):
-            kept.append(_kept(block, binary=mask.user is None))
+            if backward:
+                kept.append(_kept(block, binary=mask.user is None))
             o, logsumexp = _FLASH_CPU(q_blk, k_blk, v_blk, 0.0, False, attn_mask=block.mask)
             if lse is None:
                 lse = logsumexp.new_full((n, h, q_len), float("-inf"))
