@@ -215,8 +215,8 @@ class AttentionMask:
             k_last = torch.tensor([min(s + cols, S) - 1 for s in k_starts]).view(1, -1)
             empty, full = mods.tile_states(constraint, q_first, q_last, k_first, k_last)
             shape = (len(starts), len(k_starts))
-            empty = torch.broadcast_to(empty, shape).tolist()
-            full = torch.broadcast_to(full, shape).tolist()
+            empty = empty.expand(shape).tolist()
+            full = full.expand(shape).tolist()
         else:
             empty = [[False] * len(k_starts)] * len(starts)
             full = [[constraint is None] * len(k_starts)] * len(starts)

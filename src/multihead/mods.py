@@ -324,8 +324,9 @@ class _Combined(TiledMaskMod):
             shape = torch.broadcast_shapes(q_first.shape, k_first.shape)
             return torch.full(shape, not self.both), torch.full(shape, self.both)
         states = [tile_states(mod, q_first, q_last, k_first, k_last) for mod in self.mods]
-        empties = torch.stack([torch.broadcast_to(e, states[0][0].shape) for e, _ in states])
-        fulls = torch.stack([torch.broadcast_to(f, states[0][0].shape) for _, f in states])
+        shape = torch.broadcast_shapes(q_first.shape, k_first.shape)
+        empties = torch.stack([e.expand(shape) for e, _ in states])
+        fulls = torch.stack([f.expand(shape) for _, f in states])
         if self.both:  # hidden if any hides it; shown if all show it
             return empties.any(0), fulls.all(0)
         return empties.all(0), fulls.any(0)
