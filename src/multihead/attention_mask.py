@@ -59,9 +59,11 @@ class RowBlock:
     visible: int  # real key columns kept (C)
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttentionMask:
-    """Every constraint of one attention call (see the module docstring)."""
+    """Every constraint of one attention call (see the module docstring). Treated as
+    immutable once built (not frozen only because a frozen dataclass's ``__init__`` costs
+    microseconds per field on every call)."""
 
     batch: int
     heads: int
@@ -103,6 +105,24 @@ class AttentionMask:
     ) -> AttentionMask:
         """From a layer call's arguments (torch's mask forms, validated by the caller)."""
         mask_mod, is_causal = as_causal_flag(mask_mod, is_causal)
+        plain = attn_mask is None and key_padding_mask is None and extra_keys == 0
+        if plain and window is None and segment_ids is None and mask_mod is score_mod is None:
+            if not is_causal or (isinstance(query_offset, int) and query_offset == 0):
+                # No mask and no offset: what canonical_mask would return, without its work
+                # (a per-call cost of small calls).
+                return cls(
+                    batch,
+                    heads,
+                    query_len,
+                    key_len,
+                    0,
+                    None,
+                    is_causal,
+                    0,
+                    softcap=softcap,
+                    dtype=dtype,
+                    rows_keep_a_key=True,
+                )
         window = effective_window(window, query_len, key_len)
         tiled = (
             window is not None

@@ -7,8 +7,7 @@ X extra key slots (``add_bias_kv`` and ``add_zero_attn``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +62,7 @@ def _bias_like(bias: Tensor | None, weight: Tensor) -> Tensor | None:
     return bias if bias is None or bias.dtype == weight.dtype else bias.to(weight.dtype)
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(NamedTuple):
     """One dense forward call once validated: its sizes and its constraints' inputs."""
 
     is_batched: bool
