@@ -227,6 +227,16 @@ class AttentionMask:
         L, S, offset = self.query_len, self.key_len, self.query_offset
         constraint = self.constraint
         starts = list(range(0, L, rows))
+        span_of = getattr(constraint, "visible_span", None) if skip else None
+        if span_of is not None:
+            # One band of keys per block (causal, window): its exact bounds in Python ints,
+            # and no tile analysis at all (the per-call cost of a decode step).
+            for start in starts:
+                stop = min(start + rows, L)
+                (low, high), full = span_of(start + offset, stop - 1 + offset, S)
+                spans = [(low, high)] if low < high else []
+                yield self._row_block(start, stop, spans, not full, device, skip)
+            return
         k_starts = list(range(0, S, cols))
         if constraint is not None and starts and k_starts and skip:
             q_first = torch.tensor(starts).view(-1, 1) + offset
@@ -244,21 +254,19 @@ class AttentionMask:
             stop = min(start + rows, L)
             tiles = [j for j in range(len(k_starts)) if not empty[i][j]]
             partial = constraint is not None and not all(full[i][j] for j in tiles)
-            yield self._row_block(start, stop, tiles, k_starts, cols, partial, device, skip)
+            spans = [(k_starts[j], min(k_starts[j] + cols, S)) for j in tiles]
+            yield self._row_block(start, stop, spans, partial, device, skip)
 
     def _row_block(
         self,
         start: int,
         stop: int,
-        tiles: list[int],
-        k_starts: list[int],
-        cols: int,
+        spans: list[tuple[int, int]],
         partial: bool,
         device: torch.device,
         skip: bool,
     ) -> RowBlock:
         S, X = self.key_len, self.extra_keys
-        spans = [(k_starts[j], min(k_starts[j] + cols, S)) for j in tiles]
         allowed = None
         if partial and spans:
             allowed = self.allowed(start, stop, _column_index(spans, device), device)

@@ -131,6 +131,12 @@ class _Causal(TiledMaskMod):
     def tile_states(self, q_first, q_last, k_first, k_last):
         return k_first > q_last, k_last <= q_first
 
+    def visible_span(self, q_first: int, q_last: int, key_len: int):
+        """``((low, high), full)``: queries ``[q_first, q_last]`` see only keys in
+        ``[low, high)``, and every one of them when ``full``."""
+        high = min(q_last + 1, key_len)
+        return (0, high), high - 1 <= q_first
+
     def __repr__(self) -> str:
         return "multihead.mods.causal"
 
@@ -161,6 +167,17 @@ class _SlidingWindow(TiledMaskMod):
             empty = (k_first >= q_last + w) | (k_last <= q_first - w)
             full = (k_last < q_first + w) & (k_first > q_last - w)
         return empty, full
+
+    def visible_span(self, q_first: int, q_last: int, key_len: int):
+        """As :meth:`_Causal.visible_span`, for the window's band."""
+        w = self.window
+        low = max(q_first - w + 1, 0)
+        high = min(q_last + 1 if self.causal else q_last + w, key_len)
+        if self.causal:
+            full = high - 1 <= q_first and low > q_last - w
+        else:
+            full = high - 1 < q_first + w and low > q_last - w
+        return (low, high), full
 
     def __repr__(self) -> str:
         return f"multihead.mods.sliding_window({self.window}, causal={self.causal})"
