@@ -640,3 +640,29 @@ def test_layer_mods_equal_the_same_constraint_as_an_attn_mask(kv_heads, extra, m
     (ours,) = torch.autograd.grad((out * g_out).sum(), x1)
     (theirs,) = torch.autograd.grad((expected * g_out).sum(), x2)
     close(ours, theirs)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_value_of_a_key_hidden_from_some_rows(need_weights, bad):
+    """A key's value is NaN / inf and a window hides that key from most rows: those rows
+    (output and their gradients) equal the reference with the value zeroed, on every route
+    (it was NaN: 0 * NaN in the product with the values); the rows that see the key get the
+    non-finite value, as in the formula."""
+    q, k, v = qkv(21, 1, 2, 300, 300, 4)
+    v = v.clone()
+    v[:, :, 150] = bad
+    q.requires_grad_()
+    mod = mods.sliding_window(20)
+    out, _ = multihead.attention(q, k, v, mask_mod=mod, need_weights=need_weights)
+    sees = (torch.arange(300) >= 150) & (torch.arange(300) < 170)
+    clean = v.clone()
+    clean[:, :, 150] = 0.0
+    expected, _ = ref.reference_attention(q, k, clean, mask_mod=mod)
+    close(out[:, :, ~sees], expected[:, :, ~sees])
+    assert not torch.isfinite(out[:, :, sees]).all()
+    # The gradient of the rows that do not see the key (a row that sees a NaN value has a
+    # NaN gradient term, 0 * NaN, in any formula).
+    (grad,) = torch.autograd.grad(out[:, :, ~sees].sum(), q)
+    (expected_grad,) = torch.autograd.grad(expected[:, :, ~sees].sum(), q)
+    close(grad[:, :, ~sees], expected_grad[:, :, ~sees])

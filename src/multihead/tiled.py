@@ -73,11 +73,12 @@ def tiled_attention(
     )
     grad = torch.is_grad_enabled() and not functional_autodiff
     user_grad = grad and mask.user is not None and mask.user.requires_grad
-    # A non-finite key at a hidden position would reach a kernel that adds -inf to its
-    # logit (NaN); the formula sets hidden logits instead.
+    # A non-finite key or value at a hidden position would reach a kernel that adds -inf to
+    # its logit (NaN) and multiplies its value by 0 (NaN); the formula sets hidden logits
+    # and leaves hidden values out (_weighted_finite).
     # (The sum of all keys is finite when each is, unless it overflows, which only sends a
     # call to the formula: one pass, no key-sized temporary.)
-    formula = formula or not bool(torch.isfinite(k.sum()))
+    formula = formula or not bool(torch.isfinite(k.sum() + v.sum()))
     if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, k, v):
         return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
@@ -99,15 +100,14 @@ def tiled_attention(
             out = sdpa(q_blk, k_blk, v_blk, block.mask, dropout_p=dropout_p, is_causal=False)
             outs.append(out if block.empty is None else out.masked_fill(block.empty, 0.0))
             continue
-        run = _block_formula
-        args = (q_blk, k_blk, v_blk, block.mask, block, mask, dropout_p, need_weights)
+        args = (q_blk, k_blk, v_blk, block, mask, dropout_p, need_weights)
         if grad:
             recheck = _Fingerprint() if mask.score_mod is not None else None
             out, probs = checkpoint(
-                run, *args, recheck, use_reentrant=False, preserve_rng_state=True
+                _block_formula, *args, recheck, use_reentrant=False, preserve_rng_state=True
             )
         else:
-            out, probs = run(*args)
+            out, probs = _block_formula(*args, autodiff=functional_autodiff)
         outs.append(out)
         if need_weights:
             probs = probs.mean(dim=1) if average_weights else probs
@@ -152,12 +152,12 @@ def _block_formula(
     q_blk: Tensor,
     k_blk: Tensor,
     v_blk: Tensor,
-    block_mask: Tensor | None,
     block: RowBlock,
     mask: AttentionMask,
     dropout_p: float,
     need_weights: bool,
     fingerprint: _Fingerprint | None = None,
+    autodiff: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(transform(q k^T / sqrt(D)) + mask) v for one block: out ``(N, H, B, D)`` and,
     if asked, the probabilities ``(N, H, B, C + X)``."""
@@ -170,6 +170,7 @@ def _block_formula(
     scores = attention_logits(q_blk, k_blk)  # (N, H, B, C + X)
     kv_idx = column_positions(block.columns, q_blk.device)
     scores = mask.scores(scores, block.start, kv_idx)
+    block_mask = block.mask
     if block_mask is not None:
         # Hidden keys are set, not only added to: a score_mod (or an infinite logit) may give
         # them inf or NaN, which -inf added to would not hide.
@@ -186,10 +187,29 @@ def _block_formula(
         probs = probs.masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    out = weighted_values(probs, v_blk)
+    # (Under torch.func a value's finiteness cannot steer Python: the plain product there.)
+    out = weighted_values(probs, v_blk) if autodiff else _weighted_finite(probs, v_blk)
     if empty is not None:  # selected: hidden values may be NaN, and 0 * NaN is NaN
         out = out.masked_fill(empty, 0.0)
     return out.to(dtype), probs.to(dtype) if need_weights else None
+
+
+def _weighted_finite(probs: Tensor, v: Tensor) -> Tensor:
+    """``probs v`` ``(N, H, B, D)``, where a key with probability 0 (hidden) adds nothing even
+    if its value is inf or NaN (``0 * NaN`` is NaN): only the columns holding a non-finite
+    value are summed apart, with their zero-probability terms left out. A visible non-finite
+    value still reaches the output, as in the formula."""
+    bad = ~torch.isfinite(v)  # (N, Hkv, C, D)
+    if not bool(bad.any()):
+        return weighted_values(probs, v)
+    columns = bad.any(dim=-1).flatten(0, 1).any(dim=0).nonzero().flatten()  # (k,)
+    out = weighted_values(probs, v.masked_fill(bad, 0.0))
+    group = probs.shape[1] // v.shape[1]
+    p = probs[..., columns]  # (N, H, B, k)
+    values = v[..., columns, :].repeat_interleave(group, dim=1)  # (N, H, k, D)
+    # Selected before the product, so that backward has no 0 * NaN either.
+    shown = torch.where(p[..., None] > 0, values[:, :, None], values.new_zeros(()))
+    return out + (p[..., None] * shown).sum(dim=-2)  # (N, H, B, D)
 
 
 class _Fingerprint:
