@@ -78,7 +78,8 @@ def tiled_attention(
     # and leaves hidden values out (_weighted_finite).
     # (The sum of all keys is finite when each is, unless it overflows, which only sends a
     # call to the formula: one pass, no key-sized temporary.)
-    formula = formula or not bool(torch.isfinite(k.sum() + v.sum()))
+    finite_values = functional_autodiff or bool(torch.isfinite(v.sum()))
+    formula = formula or not finite_values or not bool(torch.isfinite(k.sum()))
     if not formula and dropout_p == 0.0 and not user_grad and _flash_direct(q, k, v):
         return _TiledFlash.apply(q, k, v, mask), None
     outs: list[Tensor] = []
@@ -104,10 +105,15 @@ def tiled_attention(
         if grad:
             recheck = _Fingerprint() if mask.score_mod is not None else None
             out, probs = checkpoint(
-                _block_formula, *args, recheck, use_reentrant=False, preserve_rng_state=True
+                _block_formula,
+                *args,
+                recheck,
+                finite_values,
+                use_reentrant=False,
+                preserve_rng_state=True,
             )
         else:
-            out, probs = _block_formula(*args, autodiff=functional_autodiff)
+            out, probs = _block_formula(*args, None, finite_values)
         outs.append(out)
         if need_weights:
             probs = probs.mean(dim=1) if average_weights else probs
@@ -157,7 +163,7 @@ def _block_formula(
     dropout_p: float,
     need_weights: bool,
     fingerprint: _Fingerprint | None = None,
-    autodiff: bool = False,
+    finite_values: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(transform(q k^T / sqrt(D)) + mask) v for one block: out ``(N, H, B, D)`` and,
     if asked, the probabilities ``(N, H, B, C + X)``."""
@@ -187,8 +193,9 @@ def _block_formula(
         probs = probs.masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    # (Under torch.func a value's finiteness cannot steer Python: the plain product there.)
-    out = weighted_values(probs, v_blk) if autodiff else _weighted_finite(probs, v_blk)
+    # finite_values: every value is finite (checked once per call; assumed under torch.func,
+    # where a value's finiteness cannot steer Python), so the plain product is exact.
+    out = weighted_values(probs, v_blk) if finite_values else _weighted_finite(probs, v_blk)
     if empty is not None:  # selected: hidden values may be NaN, and 0 * NaN is NaN
         out = out.masked_fill(empty, 0.0)
     return out.to(dtype), probs.to(dtype) if need_weights else None
