@@ -36,6 +36,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 import multihead
 import multihead.functional
+import multihead.layer
 from multihead import KVCache
 from multihead.functional import SMALL_SCORES, attention
 
@@ -58,6 +59,9 @@ class Case:
     average: bool = True
     forced: bool = False  # SMALL_SCORES patched to 0: the big-size paths at a small size
     grad: bool = True  # under autograd; False: under no_grad (the inference paths)
+    # The layer's plain-call shortcut (MultiheadAttention._forward_plain) turned off, so that a
+    # small unmasked self-attention call takes the full path it stands in for.
+    full_path: bool = False
 
 
 SMALL = Config(
@@ -74,7 +78,10 @@ CAUSAL, PADDING = dict(attn_mask="causal"), dict(key_padding_mask="bool")
 SPA = "sdpa+averaged_weights"
 
 GRAD_CASES = [
-    Case("sdpa small", "sdpa", SMALL, False),
+    Case("plain small", "plain", SMALL, False),
+    Case("plain small averaged", "plain", SMALL, True),
+    Case("plain small per-head", "plain", SMALL, True, False),
+    Case("sdpa small", "sdpa", SMALL, False, full_path=True),
     Case("sdpa small causal", "sdpa", replace(SMALL, **CAUSAL), False),
     Case("explicit small averaged padding", "explicit", replace(SMALL, **PADDING), True),
     Case("explicit small per-head causal", "explicit", replace(SMALL, **CAUSAL), True, False),
@@ -118,33 +125,53 @@ INFERENCE_CASES = [
         grad=False,
     ),
     Case("blockwise large default call", "blockwise", LARGE, True, grad=False),
-    Case("sdpa small no_grad", "sdpa", SMALL, False, grad=False),
-    Case("explicit small per-head no_grad", "explicit", SMALL, True, False, grad=False),
+    Case("plain small no_grad", "plain", SMALL, False, grad=False),
+    Case("plain small per-head no_grad", "plain", SMALL, True, False, grad=False),
+    Case("sdpa small no_grad", "sdpa", SMALL, False, grad=False, full_path=True),
+    Case(
+        "explicit small per-head no_grad",
+        "explicit",
+        SMALL,
+        True,
+        False,
+        grad=False,
+        full_path=True,
+    ),
 ]
 ALL_CASES = GRAD_CASES + INFERENCE_CASES
 
 
 @contextmanager
-def recorded_paths(forced: bool) -> Iterator[list[str]]:
-    """Yields the list of paths select_path returns meanwhile; ``forced``: SMALL_SCORES = 0."""
+def recorded_paths(forced: bool, full_path: bool = False) -> Iterator[list[str]]:
+    """Yields the list of paths select_path returns meanwhile, and "plain" for each call the
+    layer's plain-call shortcut runs; ``forced``: SMALL_SCORES = 0; ``full_path``: the
+    shortcut turned off."""
     seen: list[str] = []
     real = multihead.functional.select_path
+    real_plain = multihead.layer.packed_self_attention
 
     def spy(**kwargs):
         seen.append(real(**kwargs))
         return seen[-1]
 
+    def plain_spy(*args, **kwargs):
+        seen.append("plain")
+        return real_plain(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(multihead.functional, "select_path", spy)
+        mp.setattr(multihead.layer, "packed_self_attention", plain_spy)
         if forced:
             mp.setattr(multihead.functional, "SMALL_SCORES", 0)
+        if full_path:
+            mp.setattr(multihead.MultiheadAttention, "_forward_plain", lambda *args: None)
         yield seen
 
 
 @contextmanager
 def on_path(case: Case) -> Iterator[list[str]]:
     """The case's size regime and grad mode, recording the paths taken."""
-    with recorded_paths(case.forced) as seen, torch.set_grad_enabled(case.grad):
+    with recorded_paths(case.forced, case.full_path) as seen, torch.set_grad_enabled(case.grad):
         yield seen
 
 

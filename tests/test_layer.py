@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import multihead
+from multihead.layer import _declines_fused_encoder_kernel
 
 CONFIGS = [
     dict(embed_dim=16, num_heads=4),
@@ -140,9 +141,28 @@ def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
         old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
         old.__setstate__(state)
         assert old._qkv_same_embed_dim is True and old.is_torch_compatible
-        assert len(old._forward_pre_hooks) == 1  # the hook that declines torch's fused kernel
+        # The hook that declines torch's fused encoder kernel sits on out_proj, not the layer.
+        assert list(old.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
+        assert not old._forward_pre_hooks
         assert old.in_proj_weight is not None
         assert old.num_kv_heads == 2 and old.rope is False and old.softcap is None
+
+
+def test_a_pickle_with_the_hook_on_the_layer_moves_it_to_out_proj():
+    """Layers pickled before the hook moved carry it on the layer itself (where it sends
+    every call through nn.Module's hook path): loading moves it to out_proj."""
+    layer = build(multihead.MultiheadAttention, dict(embed_dim=8, num_heads=2))
+    layer.out_proj._forward_pre_hooks.clear()
+    layer.register_forward_pre_hook(_declines_fused_encoder_kernel)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert not clone._forward_pre_hooks
+    assert list(clone.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
+
+
+def test_a_replaced_out_proj_carries_the_hook():
+    layer = multihead.MultiheadAttention(8, 2)
+    layer.out_proj = torch.nn.Linear(8, 8)
+    assert list(layer.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
 
 
 def test_device_and_dtype_arguments():

@@ -15,9 +15,11 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from .attention_mask import AttentionMask, as_causal_flag
+from .logits import scale as logits_scale
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
 from .mods import MaskMod, ScoreMod
+from .projection import merge_heads, split_packed_heads
 from .tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD, tiled_attention
 from .transforms import functional_autodiff
 from .validation import check_attention_arguments
@@ -247,13 +249,18 @@ def attention_core(
         functional_autodiff=autodiff,
     )
     if path == "explicit":
-        weights = block_probabilities(q, k, tensor, empty, is_causal=is_causal, softcap=softcap)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        out = _select_empty(weighted_values(weights, v), empty)  # (N, H, L, D)
-        if not need_weights:
-            return out, None
-        return out, weights.mean(dim=1) if average_weights else weights
+        return explicit_attention(
+            q,
+            k,
+            v,
+            tensor,
+            empty,
+            is_causal=is_causal,
+            softcap=softcap,
+            dropout_p=dropout_p,
+            need_weights=need_weights,
+            average_weights=average_weights,
+        )
     if path == "blockwise":
         out, weights = blockwise_attention_with_weights(
             q,
@@ -272,6 +279,84 @@ def attention_core(
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, tensor, empty, is_causal=is_causal)
     return out, weights
+
+
+def explicit_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    empty: Tensor | None,
+    *,
+    is_causal: bool,
+    softcap: float | None,
+    dropout_p: float,
+    need_weights: bool,
+    average_weights: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The ``"explicit"`` path of :func:`select_path`: softmax(q k^T / sqrt(D) + mask), dropout,
+    then ``P v``, materialised as torch does. ``mask`` and ``empty`` are
+    :func:`multihead.masks.split_empty_rows`'s; returns out ``(N, H, L, D)`` and the weights
+    ``(N, [H,] L, S)`` or None."""
+    weights = block_probabilities(q, k, mask, empty, is_causal=is_causal, softcap=softcap)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    out = _select_empty(weighted_values(weights, v), empty)  # (N, H, L, D)
+    if not need_weights:
+        return out, None
+    return out, weights.mean(dim=1) if average_weights else weights
+
+
+def packed_self_attention(
+    proj: Tensor,
+    num_heads: int,
+    *,
+    batch_first: bool,
+    dropout_p: float,
+    need_weights: bool,
+    average_weights: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Unmasked self-attention from a packed projection, with the fewest eager ops: the
+    layer's plain small call (``mha(x, x, x)`` on a layer with no option beyond torch's).
+
+    Args:
+        proj: the packed in-projection ``(N, L, 3E)`` (``batch_first``) or ``(L, N, 3E)``,
+            features q, then k, then v.
+        num_heads: H, dividing E.
+        dropout_p: dropout on the weights (0.0 in eval).
+        need_weights, average_weights: as :func:`attention`.
+
+    Returns:
+        the merged output ``(N, L, E)`` or ``(L, N, E)``, before the out-projection, and the
+        weights ``(N, [H,] L, L)`` or None.
+
+    The same formula and order as the ``"explicit"`` path (:func:`explicit_attention`) and,
+    for ``need_weights=False``, the same SDPA call as :func:`attention_core` makes. With
+    weights, q, k and v are copied out of the projection in one op and multiplied with
+    ``bmm`` on ``(N * H, L, D)``: ``matmul`` on the head-split views copies each of them and
+    folds the dims itself (measured on the seed example: 32 us against 44 us for this part).
+    tests/test_plain_call.py checks it against the full path.
+    """
+    if not need_weights:
+        q, k, v = split_packed_heads(proj, num_heads, batch_first)  # (N, H, L, D) views
+        if not functional_autodiff(q, k, v):
+            out = sdpa(q, k, v, None, dropout_p=dropout_p, is_causal=False)
+            return merge_heads(out, batch_first), None
+    first, second, features = proj.shape
+    batch, length = (first, second) if batch_first else (second, first)
+    head_dim = features // (3 * num_heads)
+    order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
+    qkv = proj.view(first, second, 3, num_heads, head_dim).permute(order)  # (3, N, H, L, D)
+    q, k, v = qkv.reshape(3, batch * num_heads, length, head_dim).unbind(0)  # one copy
+    probs = torch.softmax(torch.bmm(q * logits_scale(head_dim), k.transpose(1, 2)), dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = torch.bmm(probs, v).view(batch, num_heads, length, head_dim)  # (N, H, L, D)
+    out = merge_heads(out, batch_first)
+    if not need_weights:
+        return out, None
+    probs = probs.view(batch, num_heads, length, length)
+    return out, probs.mean(dim=1) if average_weights else probs
 
 
 def _fold_causal(

@@ -18,8 +18,9 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 # reads out_proj.weight directly. Using it keeps quantization behaviour identical to torch's.
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from . import functional
 from .attention_mask import AttentionMask
-from .functional import attention_core
+from .functional import attention_core, packed_self_attention
 from .kv_cache import KVCache
 from .mods import MaskMod, ScoreMod
 from .projection import (
@@ -48,6 +49,14 @@ from .validation import (
     describe,
     invalid,
 )
+
+
+def _any_autocast_fallback() -> bool:
+    return True  # unknown: the plain call's shortcut stands aside and the checks run
+
+
+# Whether torch.autocast is on for any device type (one call; absent from some torch builds).
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", _any_autocast_fallback)
 
 
 def _nested(x: object) -> bool:
@@ -90,16 +99,32 @@ def _batch_row(mod: Callable, row: int, b_at: int) -> Callable:
 
 
 def _declines_fused_encoder_kernel(module: nn.Module, args: tuple) -> None:
-    """A forward pre-hook that changes nothing, registered on every layer of ours.
+    """A forward pre-hook that changes nothing, registered on the ``out_proj`` of every layer
+    of ours.
 
     torch's ``nn.TransformerEncoderLayer`` (in eval, under no_grad) may skip its attention's
     forward and run its fused ``torch._transformer_encoder_layer_fwd`` from
     ``in_proj_weight``, which knows nothing of our options (RoPE, window, QK-norm, softcap,
-    GQA) nor of our deliberate differences; it declines whenever a module inside it has
+    GQA) nor of our deliberate differences; it declines whenever any module inside it has
     forward hooks. This hook is that signal, so our forward runs everywhere (the choice was
-    measured: see the README, "Swapping into existing models").
+    measured: see the README, "Swapping into existing models"). It sits on ``out_proj``, which
+    our forward never calls (it reads ``out_proj.weight``), not on the layer: a hook on the
+    layer sends every call through nn.Module's slow hook path (8 us a call, measured on the
+    seed example, whose whole call takes about 60 us).
     """
     return None
+
+
+def _mark_declining(module: nn.Module) -> None:
+    """Registers :func:`_declines_fused_encoder_kernel` on ``module`` unless it is there."""
+    if _declines_fused_encoder_kernel not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_declines_fused_encoder_kernel)
+
+
+def _unmark_declining(module: nn.Module) -> None:
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _declines_fused_encoder_kernel:
+            del module._forward_pre_hooks[key]
 
 
 class MultiheadAttention(nn.Module):
@@ -160,7 +185,6 @@ class MultiheadAttention(nn.Module):
         softcap = check_softcap(softcap)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -210,6 +234,11 @@ class MultiheadAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
         self._reset_parameters()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "out_proj" and isinstance(value, nn.Module):
+            _mark_declining(value)  # a replaced out_proj keeps torch's fused kernel away too
 
     def options_beyond_torch(self) -> dict[str, object]:
         """The options set here that change the math away from ``torch.nn.MultiheadAttention``
@@ -272,10 +301,12 @@ class MultiheadAttention(nn.Module):
                 setattr(self, name, default)
         # Registered afresh, never kept under its pickled key: a new process numbers hook
         # handles from 0 again, and a user's next hook would take that key and replace it.
-        for key, hook in list(self._forward_pre_hooks.items()):
-            if hook is _declines_fused_encoder_kernel:
-                del self._forward_pre_hooks[key]
-        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
+        # Layers pickled before it moved to out_proj carry it themselves: removed there.
+        _unmark_declining(self)
+        out_proj = self._modules.get("out_proj")
+        if out_proj is not None:
+            _unmark_declining(out_proj)
+            _mark_declining(out_proj)
 
     def forward(
         self,
@@ -333,6 +364,20 @@ class MultiheadAttention(nn.Module):
             ValueError: a wrong rank, embedding size, sequence or batch size, mask shape, or
                 cache misuse (full, wrong batch, with gradients, with masks).
         """
+        if (
+            query is key
+            and key is value
+            and key_padding_mask is None
+            and attn_mask is None
+            and not is_causal
+            and cache is None
+            and segment_ids is None
+            and mask_mod is None
+            and score_mod is None
+        ):
+            plain = self._forward_plain(query, need_weights, average_attn_weights)
+            if plain is not None:
+                return plain
         if _nested(query) or _nested(key) or _nested(value):
             return self._forward_nested(
                 query,
@@ -362,6 +407,68 @@ class MultiheadAttention(nn.Module):
             mask_mod=mask_mod,
             score_mod=score_mod,
         )
+
+    def _forward_plain(
+        self, x: Tensor, need_weights: bool, average_weights: bool
+    ) -> tuple[Tensor, Tensor | None] | None:
+        """The commonest small call, ``mha(x, x, x)`` with no mask on a layer with no option
+        beyond torch's, without the per-call work that cannot change its result: no
+        validation (every check :meth:`_check_call` makes holds here; they are re-stated
+        below), no :class:`AttentionMask`, no path search. It runs the very kernels
+        :meth:`_forward_dense` picks for this call (:func:`select_path`: ``"explicit"`` at
+        most ``SMALL_SCORES`` scores, or SDPA for ``need_weights=False``), in the same order,
+        so the results are bitwise the same (tests/test_plain_call.py). Returns None for any
+        other call, which :meth:`_forward_dense` then checks and runs."""
+        # Registered parameters read from their dicts: nn.Module's __getattr__ costs a
+        # microsecond per look-up, and this call is only a few tens of them.
+        # A parameter replaced by something else (a parametrization, weight_norm's computed
+        # attribute, a wrapper module) is not in these dicts: the full path then runs.
+        params, heads = self._parameters, self.num_heads
+        weight = params.get("in_proj_weight")
+        out_params = getattr(self._modules.get("out_proj"), "_parameters", {})
+        if (
+            type(x) is not Tensor  # not a subclass, not a non-tensor (those get checked)
+            or weight is None
+            or "in_proj_bias" not in params
+            or out_params.get("weight") is None
+            or "bias" not in out_params
+            or x.dim() != 3
+            or x.is_nested
+            or _ANY_AUTOCAST()  # autocast lets dtypes differ: the checks decide
+            or self.num_kv_heads != heads
+            or self.rope
+            or self.qk_norm
+            or self.window is not None
+            or self.softcap is not None
+            or self.bias_k is not None
+            or self.add_zero_attn
+        ):
+            return None
+        out_weight, out_bias = out_params["weight"], out_params["bias"]
+        bias = params["in_proj_bias"]
+        batch_first = self.batch_first
+        size = x.shape
+        length, batch = (size[1], size[0]) if batch_first else (size[0], size[1])
+        dtype = x.dtype
+        if (
+            size[2] != self.embed_dim
+            or not 0 < batch * heads * length * length <= functional.SMALL_SCORES
+            or weight.dtype != dtype
+            or out_weight.dtype != dtype
+            or not (bias is None or bias.is_floating_point())
+            or not (out_bias is None or out_bias.is_floating_point())
+        ):
+            return None
+        proj = F.linear(x, weight, _bias_like(bias, weight))  # (.., 3E)
+        out, weights = packed_self_attention(
+            proj,
+            heads,
+            batch_first=batch_first,
+            dropout_p=self.dropout if self.training else 0.0,
+            need_weights=need_weights,
+            average_weights=average_weights,
+        )
+        return F.linear(out, out_weight, _bias_like(out_bias, out_weight)), weights
 
     def _forward_dense(
         self,

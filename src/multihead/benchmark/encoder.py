@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import swap
-from ..layer import MultiheadAttention, _declines_fused_encoder_kernel
+from ..layer import _declines_fused_encoder_kernel
 from .cli import LOCAL_OUT, PUBLISHED_OUT, output_dir, positive_seconds
 from .machine import gemm_gflops, machine_info
 from .timing import interleaved, median_ratio
@@ -49,11 +49,10 @@ def _fused(model: nn.Module):
     """Our layers inside ``model`` without the pre-hook that declines torch's fused kernel,
     as torch's own layers are."""
     removed = []
-    for module in model.modules():
-        if isinstance(module, MultiheadAttention):
-            for key, hook in list(module._forward_pre_hooks.items()):
-                if hook is _declines_fused_encoder_kernel:
-                    removed.append((module, key, module._forward_pre_hooks.pop(key)))
+    for module in model.modules():  # the hook sits on each of our layers' out_proj
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _declines_fused_encoder_kernel:
+                removed.append((module, key, module._forward_pre_hooks.pop(key)))
     try:
         yield
     finally:
