@@ -66,6 +66,8 @@ def test_full_grid_reaches_8192_except_in_training():
     assert TRAIN_MAX_LEN == 4096
     assert Case("infer", 2, 5, 16, 4) in grid
     assert Case("train", 16, 256, 512, 8) in grid
+    assert Case("train", 8, 256, 512, 8) in grid  # training only
+    assert Case("infer", 8, 256, 512, 8) not in grid
     assert [case.mode for case in full_grid(("causal",))] == ["causal"] * 7
 
 

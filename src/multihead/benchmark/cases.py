@@ -102,11 +102,20 @@ def _grid(shapes: list[tuple[int, int, int, int]], modes: tuple[str, ...]) -> li
     return cases
 
 
+# Shapes timed in training only: a mid-size batch, the most common training call.
+TRAIN_ONLY_SHAPES = [(8, 256, 512, 8)]
+
+
 def full_grid(modes: tuple[str, ...] = MODES) -> list[Case]:
-    """Seed shape, N16 L256, and N1 L512..8192 at E512 H8, in every mode of ``modes``."""
+    """Seed shape, N16 L256, and N1 L512..8192 at E512 H8, in every mode of ``modes``, and
+    N8 L256 in training."""
     shapes = [SEED_SHAPE, (16, 256, 512, 8)]
     shapes += [(1, length, 512, 8) for length in (512, 1024, 2048, 4096, 8192)]
-    return _grid(shapes, modes)
+    cases = _grid(shapes, modes)
+    if "train" in modes:
+        at = max(i for i, case in enumerate(cases) if case.mode == "train") + 1
+        cases[at:at] = _grid(TRAIN_ONLY_SHAPES, ("train",))
+    return cases
 
 
 def quick_grid(modes: tuple[str, ...] = MODES) -> list[Case]:
