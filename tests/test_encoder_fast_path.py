@@ -204,3 +204,23 @@ def test_plain_swapped_encoder_keeps_finite_masks_finite(value, monkeypatch):
             out = layer(x, **kwargs)
             assert torch.isfinite(out).all()
             torch.testing.assert_close(out, unfused(layer, x, **kwargs), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("how", ["setattr", "add_module", "_modules"])
+def test_a_replaced_out_proj_keeps_the_fused_kernel_away(monkeypatch, how):
+    """Module replacers swap out_proj through add_module or _modules; the declining hook is
+    on a guard child, so the fused kernel still never runs (it would drop RoPE here)."""
+    forbid_fused_kernel(monkeypatch)
+    layer = encoder_layer(dict(rope=True))
+    new = nn.Linear(E, E).double()
+    new.load_state_dict(layer.self_attn.out_proj.state_dict())
+    if how == "setattr":
+        layer.self_attn.out_proj = new
+    elif how == "add_module":
+        layer.self_attn.add_module("out_proj", new)
+    else:
+        layer.self_attn._modules["out_proj"] = new
+    x = torch.randn(2, 5, E, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, unfused(layer, x), **TOL)

@@ -290,9 +290,10 @@ def test_the_declining_hook_survives_a_pickle_and_a_users_hooks(tmp_path):
 import torch, multihead
 from multihead.layer import _declines_fused_encoder_kernel as hook
 layer = torch.load({path!r}, weights_only=False)
-handle = layer.out_proj.register_forward_pre_hook(lambda m, a: None)
+guard = layer._fused_kernel_guard
+handle = guard.register_forward_pre_hook(lambda m, a: None)
 handle.remove()
-assert list(layer.out_proj._forward_pre_hooks.values()) == [hook], layer.out_proj._forward_pre_hooks
+assert list(guard._forward_pre_hooks.values()) == [hook], guard._forward_pre_hooks
 assert not layer._forward_pre_hooks
 """
     for script in (save, load):

@@ -141,28 +141,39 @@ def test_whole_module_pickles_and_old_pickles_get_qkv_same_embed_dim():
         old = multihead.MultiheadAttention.__new__(multihead.MultiheadAttention)
         old.__setstate__(state)
         assert old._qkv_same_embed_dim is True and old.is_torch_compatible
-        # The hook that declines torch's fused encoder kernel sits on out_proj, not the layer.
-        assert list(old.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
-        assert not old._forward_pre_hooks
+        # The hook that declines torch's fused encoder kernel sits on a guard child.
+        assert guard_hooks(old) == [_declines_fused_encoder_kernel]
+        assert not old._forward_pre_hooks and not old.out_proj._forward_pre_hooks
         assert old.in_proj_weight is not None
         assert old.num_kv_heads == 2 and old.rope is False and old.softcap is None
 
 
-def test_a_pickle_with_the_hook_on_the_layer_moves_it_to_out_proj():
-    """Layers pickled before the hook moved carry it on the layer itself (where it sends
-    every call through nn.Module's hook path): loading moves it to out_proj."""
+def guard_hooks(layer) -> list:
+    return list(layer._fused_kernel_guard._forward_pre_hooks.values())
+
+
+def test_a_pickle_with_the_hook_on_the_layer_moves_it_to_a_guard():
+    """Layers pickled before the guard carry the hook on the layer itself (where it sends
+    every call through nn.Module's hook path) and no guard: loading moves it."""
     layer = build(multihead.MultiheadAttention, dict(embed_dim=8, num_heads=2))
-    layer.out_proj._forward_pre_hooks.clear()
+    del layer._fused_kernel_guard
     layer.register_forward_pre_hook(_declines_fused_encoder_kernel)
     clone = pickle.loads(pickle.dumps(layer))
     assert not clone._forward_pre_hooks
-    assert list(clone.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
+    assert guard_hooks(clone) == [_declines_fused_encoder_kernel]
+    assert clone.state_dict().keys() == layer.state_dict().keys()
 
 
-def test_a_replaced_out_proj_carries_the_hook():
+def test_the_guard_adds_no_state_dict_key_and_survives_out_proj_replacement():
     layer = multihead.MultiheadAttention(8, 2)
-    layer.out_proj = torch.nn.Linear(8, 8)
-    assert list(layer.out_proj._forward_pre_hooks.values()) == [_declines_fused_encoder_kernel]
+    theirs = torch.nn.MultiheadAttention(8, 2)
+    assert list(layer.state_dict()) == list(theirs.state_dict())
+    layer._modules["out_proj"] = torch.nn.Linear(8, 8)  # as module replacers do
+    layer.add_module("out_proj", torch.jit.script(torch.nn.Linear(8, 8)))
+    assert guard_hooks(layer) == [_declines_fused_encoder_kernel]
+    x = torch.randn(3, 2, 8)
+    out, _ = layer(x, x, x)  # a TorchScript out_proj: the full path reads its weight
+    assert out.shape == (3, 2, 8)
 
 
 def test_device_and_dtype_arguments():

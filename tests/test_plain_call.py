@@ -268,3 +268,16 @@ def test_a_parameter_of_another_dtype_gets_the_full_paths_error():
     layer.in_proj_weight.data = layer.in_proj_weight.data.double()
     with pytest.raises(TypeError, match=r"in_proj_weight"):
         layer(X, X, X)
+
+
+def test_an_added_parameter_of_another_dtype_gets_the_same_error_at_every_size():
+    """The full path checks the dtype of every registered parameter: a parameter added to the
+    layer or to out_proj (an adapter) sends the call there, small or large."""
+    for owner in ("layer", "out_proj"):
+        layer = _layer().to(torch.bfloat16)
+        target = layer if owner == "layer" else layer.out_proj
+        target.register_parameter("lora_A", nn.Parameter(torch.zeros(2, 8)))  # float32
+        for length in (3, 100):
+            x = torch.randn(2, length, 8, dtype=torch.bfloat16)
+            with pytest.raises(TypeError, match=r"lora_A"):
+                layer(x, x, x)

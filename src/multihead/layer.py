@@ -99,26 +99,41 @@ def _batch_row(mod: Callable, row: int, b_at: int) -> Callable:
 
 
 def _declines_fused_encoder_kernel(module: nn.Module, args: tuple) -> None:
-    """A forward pre-hook that changes nothing, registered on the ``out_proj`` of every layer
-    of ours.
+    """A forward pre-hook that changes nothing, carried by the :class:`_FusedKernelGuard`
+    child of every layer of ours.
 
     torch's ``nn.TransformerEncoderLayer`` (in eval, under no_grad) may skip its attention's
     forward and run its fused ``torch._transformer_encoder_layer_fwd`` from
     ``in_proj_weight``, which knows nothing of our options (RoPE, window, QK-norm, softcap,
     GQA) nor of our deliberate differences; it declines whenever any module inside it has
     forward hooks. This hook is that signal, so our forward runs everywhere (the choice was
-    measured: see the README, "Swapping into existing models"). It sits on ``out_proj``, which
-    our forward never calls (it reads ``out_proj.weight``), not on the layer: a hook on the
-    layer sends every call through nn.Module's slow hook path (8 us a call, measured on the
-    seed example, whose whole call takes about 60 us).
+    measured: see the README, "Swapping into existing models").
     """
     return None
 
 
-def _mark_declining(module: nn.Module) -> None:
-    """Registers :func:`_declines_fused_encoder_kernel` on ``module`` unless it is there."""
-    if _declines_fused_encoder_kernel not in module._forward_pre_hooks.values():
-        module.register_forward_pre_hook(_declines_fused_encoder_kernel)
+class _FusedKernelGuard(nn.Module):
+    """A parameter-free child of each layer of ours that only carries
+    :func:`_declines_fused_encoder_kernel` (no state_dict keys; never called).
+
+    Not on the layer itself: a hook there sends every call of ours through nn.Module's slower
+    hook path (8 us of the seed example's ~70 us call). Not on ``out_proj`` either: module
+    replacers (quantization, adapters) swap ``out_proj`` through ``_modules`` and would drop
+    the hook, and a TorchScript ``out_proj`` takes no hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # Registered afresh, never kept under its pickled key: a new process numbers hook
+        # handles from 0 again, and a later hook would take that key and replace it.
+        _unmark_declining(self)
+        self.register_forward_pre_hook(_declines_fused_encoder_kernel)
+
+    def forward(self) -> None:
+        return None
 
 
 def _unmark_declining(module: nn.Module) -> None:
@@ -233,12 +248,9 @@ class MultiheadAttention(nn.Module):
             # After torch's parameters, so a default layer's state_dict is torch's exactly.
             self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
+        # Last, so that torch's children keep their order; it adds no state_dict key.
+        self._fused_kernel_guard = _FusedKernelGuard()
         self._reset_parameters()
-
-    def __setattr__(self, name: str, value: object) -> None:
-        super().__setattr__(name, value)
-        if name == "out_proj" and isinstance(value, nn.Module):
-            _mark_declining(value)  # a replaced out_proj keeps torch's fused kernel away too
 
     def options_beyond_torch(self) -> dict[str, object]:
         """The options set here that change the math away from ``torch.nn.MultiheadAttention``
@@ -299,14 +311,11 @@ class MultiheadAttention(nn.Module):
         ):
             if not hasattr(self, name):
                 setattr(self, name, default)
-        # Registered afresh, never kept under its pickled key: a new process numbers hook
-        # handles from 0 again, and a user's next hook would take that key and replace it.
-        # Layers pickled before it moved to out_proj carry it themselves: removed there.
+        # Pickles of torch's layer have no guard, and ours from before it carry the hook on
+        # the layer itself (every call then takes nn.Module's hook path): moved to a guard.
         _unmark_declining(self)
-        out_proj = self._modules.get("out_proj")
-        if out_proj is not None:
-            _unmark_declining(out_proj)
-            _mark_declining(out_proj)
+        if "_fused_kernel_guard" not in self._modules:
+            self._fused_kernel_guard = _FusedKernelGuard()
 
     def forward(
         self,
@@ -416,20 +425,29 @@ class MultiheadAttention(nn.Module):
         validation (every check :meth:`_check_call` makes holds here; they are re-stated
         below), no :class:`AttentionMask`, no path search. It runs the very kernels
         :meth:`_forward_dense` picks for this call (:func:`select_path`: ``"explicit"`` at
-        most ``SMALL_SCORES`` scores, or SDPA for ``need_weights=False``), in the same order,
-        so the results are bitwise the same (tests/test_plain_call.py). Returns None for any
-        other call, which :meth:`_forward_dense` then checks and runs."""
+        most ``SMALL_SCORES`` scores, or SDPA for ``need_weights=False``): the same formula
+        in the same order, with q, k and v copied once and multiplied by ``bmm``
+        (tests/test_plain_call.py: outputs, weights and gradients equal the full path's to
+        1e-12 in float64; outputs and weights were bitwise equal in every configuration
+        tried, gradients differ by rounding). Returns None for any other call, which
+        :meth:`_forward_dense` then checks and runs."""
         # Registered parameters read from their dicts: nn.Module's __getattr__ costs a
         # microsecond per look-up, and this call is only a few tens of them.
         # A parameter replaced by something else (a parametrization, weight_norm's computed
         # attribute, a wrapper module) is not in these dicts: the full path then runs.
+        # Only torch's six registered parameters (no one added, so the dtype checks the full
+        # path makes on every parameter are the ones made here), and an nn.Linear out_proj
+        # (a TorchScript or wrapper module has other parameter containers).
         params, heads = self._parameters, self.num_heads
         weight = params.get("in_proj_weight")
-        out_params = getattr(self._modules.get("out_proj"), "_parameters", {})
+        out_proj = self._modules.get("out_proj")
+        out_params = out_proj._parameters if isinstance(out_proj, nn.Linear) else {}
         if (
             type(x) is not Tensor  # not a subclass, not a non-tensor (those get checked)
             or weight is None
+            or len(params) != 5  # in_proj_weight, q/k/v_proj_weight (None), in_proj_bias
             or "in_proj_bias" not in params
+            or len(out_params) != 2
             or out_params.get("weight") is None
             or "bias" not in out_params
             or x.dim() != 3

@@ -71,12 +71,18 @@ def block_probabilities(
         rows = torch.arange(start, start + q_blk.shape[-2], device=q_blk.device)
         above = position_mask(rows, torch.arange(k.shape[-2], device=q_blk.device), causal=True)
         scores.masked_fill_(above, float("-inf"))  # (B, S) broadcast
-    if scratch is not None:  # inference: the scores become the probabilities in place
-        probs = _softmax_in_place(scores)
+    if scratch is not None and _in_place_softmax_ok(scores):
+        probs = _softmax_in_place(scores)  # inference: the scores become the probabilities
         return probs if empty_blk is None else probs.masked_fill_(empty_blk, 0.0)
     probs = torch.softmax(scores, dim=-1)
     # Out of place: softmax keeps its output for backward (a double backward needs it intact).
     return probs if empty_blk is None else probs.masked_fill(empty_blk, 0.0)
+
+
+def _in_place_softmax_ok(scores: Tensor) -> bool:
+    """CPU only (the aliasing is checked on the CPU kernels), and not under autocast, whose
+    float32 softmax policy covers ``softmax`` but not ``_softmax.out``."""
+    return scores.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
 
 
 def _softmax_in_place(scores: Tensor) -> Tensor:
