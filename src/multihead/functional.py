@@ -19,7 +19,7 @@ from .logits import scale as logits_scale
 from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows
 from .mods import MaskMod, ScoreMod
-from .projection import merge_heads, split_packed_heads
+from .projection import merge_heads, packed_heads, split_packed_heads
 from .tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD, tiled_attention
 from .transforms import functional_autodiff
 from .validation import check_attention_arguments
@@ -342,11 +342,8 @@ def packed_self_attention(
         if not functional_autodiff(q, k, v):
             out = sdpa(q, k, v, None, dropout_p=dropout_p, is_causal=False)
             return merge_heads(out, batch_first), None
-    first, second, features = proj.shape
-    batch, length = (first, second) if batch_first else (second, first)
-    head_dim = features // (3 * num_heads)
-    order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
-    qkv = proj.view(first, second, 3, num_heads, head_dim).permute(order)  # (3, N, H, L, D)
+    qkv = packed_heads(proj, num_heads, batch_first)  # (3, N, H, L, D) view
+    _, batch, _, length, head_dim = qkv.shape
     q, k, v = qkv.reshape(3, batch * num_heads, length, head_dim).unbind(0)  # one copy
     probs = torch.softmax(torch.bmm(q * logits_scale(head_dim), k.transpose(1, 2)), dim=-1)
     if dropout_p > 0.0:

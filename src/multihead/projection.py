@@ -76,15 +76,19 @@ def split_heads(x: Tensor, num_heads: int, batch_first: bool) -> Tensor:
     return x.transpose(1, 2) if batch_first else x.permute(1, 2, 0, 3)  # (N, H, L, D)
 
 
+def packed_heads(proj: Tensor, num_heads: int, batch_first: bool) -> Tensor:
+    """A packed projection ``(N, L, 3E)`` (batch_first) or ``(L, N, 3E)``, whose features are
+    q, then k, then v, -> its ``(3, N, H, L, D)`` view (q, k, v stacked)."""
+    head_dim = proj.shape[2] // (3 * num_heads)
+    proj = proj.view(proj.shape[0], proj.shape[1], 3, num_heads, head_dim)  # (N, L, 3, H, D) ...
+    return proj.permute((2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4))
+
+
 def split_packed_heads(
     proj: Tensor, num_heads: int, batch_first: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A packed projection ``(N, L, 3E)`` (batch_first) or ``(L, N, 3E)``, whose features are
-    q, then k, then v, -> q, k, v ``(N, H, L, D)`` each, as views."""
-    head_dim = proj.shape[2] // (3 * num_heads)
-    proj = proj.view(proj.shape[0], proj.shape[1], 3, num_heads, head_dim)  # (N, L, 3, H, D) ...
-    order = (2, 0, 3, 1, 4) if batch_first else (2, 1, 3, 0, 4)
-    q, k, v = proj.permute(order).unbind(0)  # 3 x (N, H, L, D)
+    """:func:`packed_heads` as q, k, v ``(N, H, L, D)`` each, views."""
+    q, k, v = packed_heads(proj, num_heads, batch_first).unbind(0)
     return q, k, v
 
 
