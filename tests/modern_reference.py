@@ -7,7 +7,10 @@ Per batch n and query head h (key/value head h // G):
     rope:    pair (x_i, x_{i+D/2}) rotated by angle p * base^(-2i/D), p = position
     logits = q k^T / sqrt(D); softcap: c * tanh(logits / c)
     masked (-inf): causal j > i (with positions), window, other segment, padding, attn_mask
-    P = softmax, fully masked rows -> 0; out = concat_h(P v) W_o^T + b_o
+    P = softmax, fully masked rows -> 0
+    sinks:   P = softmax([logits, sink_h])[:S]                 (gpt-oss; rows sum below 1)
+    out = concat_h(P v) [* sigmoid(x W_g^T + b_g) with output_gate] W_o^T + b_o
+q has H * D rows (D = head_dim, which need not be E / H).
 """
 
 from __future__ import annotations
@@ -50,17 +53,18 @@ def modern_reference(
     ``key_padding_mask``: bool ``(N, S)``. Keys sit at positions 0..S-1 and queries at
     ``query_offset``..; with rope, keys are rotated at their positions.
     """
-    n_batch, q_len, e = query.shape
+    n_batch, q_len, _ = query.shape
     s_len = key.shape[1]
     h, hkv, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
     group = h // hkv
     kvd = hkv * d
+    qd = h * d
     if layer.in_proj_weight is not None:
-        w_q, w_k, w_v = layer.in_proj_weight.split([e, kvd, kvd])
+        w_q, w_k, w_v = layer.in_proj_weight.split([qd, kvd, kvd])
     else:
         w_q, w_k, w_v = layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight
     if layer.in_proj_bias is not None:
-        b_q, b_k, b_v = layer.in_proj_bias.split([e, kvd, kvd])
+        b_q, b_k, b_v = layer.in_proj_bias.split([qd, kvd, kvd])
     else:
         b_q = b_k = b_v = 0.0
     q_pos = torch.arange(q_len) + query_offset
@@ -98,10 +102,21 @@ def modern_reference(
                     if key_padding_mask is not None and key_padding_mask[n, j]:
                         masked[i, j] = True
             logits = logits.masked_fill(masked, float("-inf"))
-            empty = masked.all(-1, keepdim=True)
-            p = torch.softmax(logits.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+            sinks = getattr(layer, "sinks", None)
+            if sinks is not None:  # one more logit per head, attending to nothing
+                column = sinks[head].expand(q_len, 1)
+                p = torch.softmax(torch.cat([logits, column], -1), -1)[:, :s_len]
+            else:
+                empty = masked.all(-1, keepdim=True)
+                p = torch.softmax(logits.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
             weights[n, head] = p
             heads.append(p @ v)
+        merged = torch.cat(heads, -1)
+        if getattr(layer, "output_gate", False):
+            gate = layer.gate_proj
+            merged = merged * torch.sigmoid(
+                query[n] @ gate.weight.T + (0.0 if gate.bias is None else gate.bias)
+            )
         out_bias = 0.0 if layer.out_proj.bias is None else layer.out_proj.bias
-        outs.append(torch.cat(heads, -1) @ layer.out_proj.weight.T + out_bias)
+        outs.append(merged @ layer.out_proj.weight.T + out_bias)
     return torch.stack(outs), weights

@@ -29,8 +29,13 @@ def modern_configs(draw):
     heads = draw(st.sampled_from([1, 2, 4, 6]))
     kv_heads = draw(st.sampled_from([d for d in (1, 2, 3, 4, 6) if heads % d == 0]))
     head_dim = draw(st.sampled_from([2, 4]))
+    # Issue 12: head_dim apart from embed_dim / num_heads (then E is free), sinks, the gate.
+    decoupled = draw(st.booleans())
     return dict(
-        embed_dim=heads * head_dim,
+        embed_dim=draw(st.sampled_from([3, 5, 8])) if decoupled else heads * head_dim,
+        head_dim=head_dim if decoupled else None,
+        sinks=draw(st.booleans()),
+        output_gate=draw(st.booleans()),
         num_heads=heads,
         num_kv_heads=kv_heads,
         bias=draw(st.booleans()),
@@ -164,8 +169,15 @@ def test_mqa_and_gqa_layout_and_parameter_shapes():
 @pytest.mark.parametrize("kv_heads", [None, 2, 1])
 @pytest.mark.parametrize("rope", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
-def test_kv_cache_decode_equals_one_causal_pass(kv_heads, rope, window):
-    layer = build(embed_dim=16, num_heads=4, num_kv_heads=kv_heads, rope=rope, window=window)
+@pytest.mark.parametrize(
+    "issue12",
+    [{}, {"sinks": True, "output_gate": True, "head_dim": 6}],
+    ids=["torch-heads", "sinks-gate-head_dim"],
+)
+def test_kv_cache_decode_equals_one_causal_pass(kv_heads, rope, window, issue12):
+    layer = build(
+        embed_dim=16, num_heads=4, num_kv_heads=kv_heads, rope=rope, window=window, **issue12
+    )
     layer.eval()
     x = torch.randn(2, 9, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -246,8 +258,10 @@ def test_constructor_errors_for_the_modern_options(kwargs, error, match):
 
 
 def test_rope_needs_an_even_head_dim():
-    with pytest.raises(ValueError, match=r"`rope`.*even head_dim.*head_dim=3"):
+    with pytest.raises(ValueError, match=r"`head_dim`.*even head_dim.*rope=True.*head_dim=3"):
         multihead.MultiheadAttention(6, 2, rope=True)
+    with pytest.raises(ValueError, match=r"`head_dim`.*even head_dim.*rope=True.*head_dim=5"):
+        multihead.MultiheadAttention(8, 2, rope=True, head_dim=5)
 
 
 @pytest.mark.parametrize(

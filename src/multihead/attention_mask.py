@@ -102,10 +102,14 @@ class AttentionMask:
         mask_mod: MaskMod | None = None,
         score_mod: ScoreMod | None = None,
         softcap: float | None = None,
+        sinks: Tensor | None = None,
     ) -> AttentionMask:
-        """From a layer call's arguments (torch's mask forms, validated by the caller)."""
+        """From a layer call's arguments (torch's mask forms, validated by the caller).
+        ``sinks`` ``(H,)``: attention-sink logits for the last of the ``extra_keys`` slots
+        (see :func:`multihead.masks.with_sink_logits`)."""
         mask_mod, is_causal = as_causal_flag(mask_mod, is_causal)
         plain = attn_mask is None and key_padding_mask is None and extra_keys == 0
+        plain = plain and sinks is None
         if plain and window is None and segment_ids is None and mask_mod is score_mod is None:
             if not is_causal or (isinstance(query_offset, int) and query_offset == 0):
                 # No mask and no offset: what canonical_mask would return, without its work
@@ -145,6 +149,7 @@ class AttentionMask:
             device=device,
             query_offset=0 if tiled else query_offset,
             narrow=not tiled,
+            sinks=sinks,
         )
         # Tiles are chosen on the host, from the query offset; without tiles it is in `user`.
         offset = int(query_offset) if tiled else 0

@@ -17,9 +17,9 @@ from torch.nn.attention import SDPBackend
 from .attention_mask import AttentionMask, as_causal_flag
 from .logits import scale as logits_scale
 from .logits import weighted_values
-from .masks import causal_mask, split_empty_rows
+from .masks import causal_mask, split_empty_rows, with_sink_logits
 from .mods import MaskMod, ScoreMod
-from .projection import merge_heads, packed_heads, split_packed_heads
+from .projection import append_zero_slot, merge_heads, packed_heads, split_packed_heads
 from .tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD, tiled_attention
 from .transforms import functional_autodiff
 from .validation import check_attention_arguments
@@ -125,6 +125,7 @@ def attention(
     softcap: float | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Scaled dot-product attention, optionally returning its weights.
 
@@ -154,6 +155,11 @@ def attention(
         score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` (FlexAttention's), on
             the scaled (and soft-capped) logits, before ``mask``. Gradients reach any tensor
             it captures.
+        sinks: ``(H,)`` attention-sink logits (gpt-oss), or None: each head's softmax gets
+            one more logit, ``sinks[h]``, that attends to no value, so a row's weights sum to
+            less than 1 (a row whose keys are all masked gives all its weight to the sink:
+            zero output and weights). Cast to q's dtype; gradients reach it. The returned
+            weights cover the S real keys only. As HF's ``GptOssAttention`` (eager).
 
     The order: ``q k^T / sqrt(D)``, soft-cap, ``score_mod``, ``+ mask``, then ``mask_mod`` and
     ``is_causal`` hide keys, softmax, dropout.
@@ -177,25 +183,40 @@ def attention(
         softcap=softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
     )
     mask = _four_dims(mask)
     mask_mod, is_causal = as_causal_flag(mask_mod, is_causal)
     tiled = mask_mod is not None or score_mod is not None
     folded, causal = (mask, is_causal) if tiled else _fold_causal(q, k, mask, is_causal)
+    key_len = k.shape[2]
+    if sinks is not None:
+        # The sink is one more key slot (zero key, zero value) whose logit comes from the
+        # mask; the causal flag (top-left over S + 1 keys) would hide it, so it joins the mask.
+        if causal:
+            folded = causal_mask(q.shape[2], key_len, q.dtype, q.device).view(
+                1, 1, q.shape[2], key_len
+            )
+            causal = False
+        if folded is not None:
+            folded = F.pad(folded, (0, 1))
+        folded = with_sink_logits(folded, sinks.to(q.dtype), key_len + 1)
+        k, v = append_zero_slot(k), append_zero_slot(v)
     constraints = AttentionMask(
         batch=q.shape[0],
         heads=q.shape[1],
         query_len=q.shape[2],
-        key_len=k.shape[2],
+        key_len=key_len,
+        extra_keys=k.shape[2] - key_len,
         user=folded,
         causal=causal,
         mask_mod=mask_mod,
         score_mod=score_mod,
         softcap=softcap,
         dtype=q.dtype,
-        rows_keep_a_key=mask is None and mask_mod is None,
+        rows_keep_a_key=(mask is None and mask_mod is None) or sinks is not None,
     )
-    return attention_core(
+    out, weights = attention_core(
         q,
         k,
         v,
@@ -204,6 +225,9 @@ def attention(
         need_weights=need_weights,
         average_weights=average_weights,
     )
+    if sinks is not None and weights is not None:
+        weights = weights[..., :key_len]  # the real keys' weights, without the sink's
+    return out, weights
 
 
 def attention_core(

@@ -25,6 +25,7 @@ from .kv_cache import KVCache
 from .mods import MaskMod, ScoreMod
 from .projection import (
     append_extra_keys,
+    append_zero_slot,
     merge_heads,
     packed_in_projection,
     separate_in_projection,
@@ -187,15 +188,22 @@ class MultiheadAttention(nn.Module):
         window: int | None = None,
         qk_norm: bool = False,
         softcap: float | None = None,
+        head_dim: int | None = None,
+        sinks: bool = False,
+        output_gate: bool = False,
     ) -> None:
         embed_dim = check_positive_int("embed_dim", embed_dim)
         num_heads = check_positive_int("num_heads", num_heads)
-        check_heads(embed_dim, num_heads)
+        if head_dim is None:
+            check_heads(embed_dim, num_heads)
+            head_dim = embed_dim // num_heads
+        else:
+            head_dim = check_positive_int("head_dim", head_dim)
         dropout = check_dropout(dropout)
         kdim = check_optional_dim("kdim", kdim)
         vdim = check_optional_dim("vdim", vdim)
         num_kv_heads = check_kv_heads(num_kv_heads, num_heads)
-        rope_base = check_rope(rope, rope_base, embed_dim // num_heads)
+        rope_base = check_rope(rope, rope_base, head_dim)
         window = check_optional_dim("window", window)
         softcap = check_softcap(softcap)
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -206,7 +214,7 @@ class MultiheadAttention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.batch_first = batch_first
-        self.head_dim = embed_dim // num_heads
+        self.head_dim = head_dim
         # Beyond torch, all off by default (see the README for each).
         self.num_kv_heads = num_kv_heads
         self.rope = bool(rope)
@@ -214,28 +222,30 @@ class MultiheadAttention(nn.Module):
         self.window = window
         self.qk_norm = bool(qk_norm)
         self.softcap = softcap
-        kv_dim = num_kv_heads * self.head_dim  # = embed_dim unless key/value heads are shared
+        self.output_gate = bool(output_gate)
+        q_dim = num_heads * head_dim  # = embed_dim unless head_dim is set
+        kv_dim = num_kv_heads * head_dim  # = q_dim unless key/value heads are shared
 
         # Registration order is torch's, so state_dict keys come in the same order.
         if self.kdim == embed_dim and self.vdim == embed_dim:  # one packed weight, as torch
             self.in_proj_weight = nn.Parameter(
-                torch.empty(embed_dim + 2 * kv_dim, embed_dim, **factory_kwargs)
+                torch.empty(q_dim + 2 * kv_dim, embed_dim, **factory_kwargs)
             )
             self.register_parameter("q_proj_weight", None)
             self.register_parameter("k_proj_weight", None)
             self.register_parameter("v_proj_weight", None)
         else:
-            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory_kwargs))
+            self.q_proj_weight = nn.Parameter(torch.empty(q_dim, embed_dim, **factory_kwargs))
             self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory_kwargs))
             self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory_kwargs))
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory_kwargs))
+            self.in_proj_bias = nn.Parameter(torch.empty(q_dim + 2 * kv_dim, **factory_kwargs))
         else:
             self.register_parameter("in_proj_bias", None)
         # Linear's own init draws here (weight, then bias), before _reset_parameters, as in torch.
         self.out_proj = NonDynamicallyQuantizableLinear(
-            embed_dim, embed_dim, bias=bias, **factory_kwargs
+            q_dim, embed_dim, bias=bias, **factory_kwargs
         )
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, kv_dim, **factory_kwargs))
@@ -248,6 +258,18 @@ class MultiheadAttention(nn.Module):
             # After torch's parameters, so a default layer's state_dict is torch's exactly.
             self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6, **factory_kwargs)
+        if sinks:
+            # One sink logit per query head (gpt-oss), zero to start (see _reset_parameters).
+            self.sinks = nn.Parameter(torch.empty(num_heads, **factory_kwargs))
+        else:
+            self.sinks = None  # a plain attribute: no state_dict key
+        if self.output_gate:
+            # Qwen3-Next's gate, sigmoid(query W_gate + b) on the merged heads before out_proj.
+            # Made on meta, so without a random draw: torch's parameters draw what torch's draw
+            # (the gate's own draw comes after theirs, in _reset_parameters).
+            self.gate_proj = nn.Linear(
+                embed_dim, q_dim, bias=bias, device="meta", dtype=dtype
+            ).to_empty(device=torch.get_default_device() if device is None else device)
         # Last, so that torch's children keep their order; it adds no state_dict key.
         self._fused_kernel_guard = _FusedKernelGuard()
         self._reset_parameters()
@@ -262,6 +284,9 @@ class MultiheadAttention(nn.Module):
             "window": self.window,
             "qk_norm": self.qk_norm or None,
             "softcap": self.softcap,
+            "head_dim": self.head_dim if self.head_dim * self.num_heads != self.embed_dim else None,
+            "sinks": True if self.sinks is not None else None,
+            "output_gate": self.output_gate or None,
         }
         return {name: value for name, value in changed.items() if value is not None}
 
@@ -280,7 +305,9 @@ class MultiheadAttention(nn.Module):
 
     def _reset_parameters(self) -> None:
         """Redraws the parameters in torch's order: xavier-uniform weights, zero biases,
-        xavier-normal bias_k then bias_v. (out_proj.weight keeps its Linear init.)"""
+        xavier-normal bias_k then bias_v (out_proj.weight keeps its Linear init); then ours,
+        after every draw of torch's: zero sinks, and a xavier-uniform gate weight with a zero
+        bias."""
         if self.in_proj_weight is not None:
             xavier_uniform_(self.in_proj_weight)
         else:
@@ -294,6 +321,12 @@ class MultiheadAttention(nn.Module):
             xavier_normal_(self.bias_k)
         if self.bias_v is not None:
             xavier_normal_(self.bias_v)
+        if self.sinks is not None:
+            constant_(self.sinks, 0.0)
+        if self.output_gate:
+            xavier_uniform_(self.gate_proj.weight)
+            if self.gate_proj.bias is not None:
+                constant_(self.gate_proj.bias, 0.0)
 
     def __setstate__(self, state: dict) -> None:
         # _qkv_same_embed_dim is derived (a property); pickles that stored it (ours before, and
@@ -308,6 +341,8 @@ class MultiheadAttention(nn.Module):
             ("window", None),
             ("qk_norm", False),
             ("softcap", None),
+            ("sinks", None),
+            ("output_gate", False),
         ):
             if not hasattr(self, name):
                 setattr(self, name, default)
@@ -460,6 +495,8 @@ class MultiheadAttention(nn.Module):
             or self.softcap is not None
             or self.bias_k is not None
             or self.add_zero_attn
+            or self.output_gate  # (sinks is a parameter: the count above declines it)
+            or self.head_dim * heads != self.embed_dim
         ):
             return None
         out_weight, out_bias = out_params["weight"], out_params["bias"]
@@ -524,9 +561,16 @@ class MultiheadAttention(nn.Module):
                 k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
-        mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset)
+        sinks = self.sinks
+        if sinks is not None:
+            k, v = append_zero_slot(k), append_zero_slot(v)  # the sink's slot, last
+        mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset, sinks)
         out, weights = self._attend(q, k, v, mask, cache, undo, need_weights, average_attn_weights)
-        out = merge_heads(out, call.batch_first)  # (N, L, E) or (L, N, E)
+        if sinks is not None and weights is not None:
+            weights = weights[..., :-1]  # the sink attends to nothing: no column of its own
+        out = merge_heads(out, call.batch_first)  # (N, L, H * D) or (L, N, H * D)
+        if self.output_gate:
+            out = out * self._gate(query, call.is_batched)
         out_proj = self.out_proj
         out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
         if not call.is_batched:
@@ -542,6 +586,7 @@ class MultiheadAttention(nn.Module):
         extra_keys: int,
         is_causal: bool,
         offset: int | Tensor,
+        sinks: Tensor | None,
     ) -> AttentionMask:
         """The call's one constraint description (see :mod:`multihead.attention_mask`)."""
         return AttentionMask.build(
@@ -561,7 +606,15 @@ class MultiheadAttention(nn.Module):
             mask_mod=call.mask_mod,
             score_mod=call.score_mod,
             softcap=self.softcap,
+            sinks=sinks,
         )
+
+    def _gate(self, query: Tensor, is_batched: bool) -> Tensor:
+        """Qwen3-Next's output gate ``sigmoid(query W_gate^T + b)``, ``(N, L, H * D)`` or
+        ``(L, N, H * D)`` as the merged heads (HF ``Qwen3NextAttention``)."""
+        weight = self.gate_proj.weight
+        gate = torch.sigmoid(F.linear(query, weight, _bias_like(self.gate_proj.bias, weight)))
+        return gate if is_batched else gate.unsqueeze(0)
 
     def _attend(
         self,
@@ -834,7 +887,8 @@ class MultiheadAttention(nn.Module):
         weight = self.in_proj_weight
         if weight is not None:
             bias = _bias_like(self.in_proj_bias, weight)
-            return packed_in_projection(query, key, value, weight, bias)
+            q_rows = self.num_heads * self.head_dim
+            return packed_in_projection(query, key, value, weight, bias, q_rows)
         q_weight = self.q_proj_weight
         return separate_in_projection(
             query,

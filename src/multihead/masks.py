@@ -148,6 +148,7 @@ def canonical_mask(
     window: int | None = None,
     segment_ids: Tensor | None = None,
     narrow: bool = True,
+    sinks: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
     """Merges torch's masks and our positional constraints into one additive mask.
 
@@ -163,6 +164,10 @@ def canonical_mask(
         narrow: cast the sum to ``dtype`` with :func:`narrowed`. False leaves it in the widest
             float dtype given, for a caller that adds more constraints per tile and narrows
             each tile's sum itself.
+        sinks: ``(H,)`` attention-sink logits, or None. The last extra slot is then the sink
+            (the caller appends a zero key and value there): its column holds ``sinks[h]``
+            (see :func:`with_sink_logits`), added before the sum is narrowed, so that the
+            row shift of :func:`narrowed` moves the sink with the real logits.
 
     Returns:
         ``(mask, causal)``. ``mask`` is additive, broadcastable to ``(N, H, L, S + X)``, or None.
@@ -184,7 +189,7 @@ def canonical_mask(
     # The constraints are summed in the widest float dtype given (a float64 mask on a float32
     # layer stays float64 until the end), then narrowed to the compute dtype in one place.
     work = dtype
-    for given in (attn_mask, key_padding_mask):
+    for given in (attn_mask, key_padding_mask, sinks):
         if given is not None and given.is_floating_point():
             work = torch.promote_types(work, given.dtype)
     mask: Tensor | None = None
@@ -207,9 +212,26 @@ def canonical_mask(
         mask = segments if mask is None else mask + segments
     if mask is not None and extra_keys:
         mask = F.pad(mask, (0, extra_keys))  # (..., S + X); the extra slots stay attendable
+    if sinks is not None:
+        mask = with_sink_logits(mask, sinks.to(work), key_len + extra_keys)
     if mask is None or not narrow:
         return mask, False
     return narrowed(mask, dtype), False
+
+
+def with_sink_logits(mask: Tensor | None, sinks: Tensor, columns: int) -> Tensor:
+    """An additive mask whose last column (of ``columns``, the sink slot) also holds each
+    head's sink logit: ``mask`` ``(N|1, H|1, L|1, columns)`` or None, ``sinks`` ``(H,)`` ->
+    ``(N|1, H, L|1, columns)``.
+
+    An attention sink (gpt-oss; Xiao et al. 2023, "Efficient Streaming Language Models with
+    Attention Sinks", learned as in OpenAI's gpt-oss reference) is one more logit per head in
+    the softmax's normaliser that attends to no value. With a zero key and a zero value in that
+    slot, its logit is ``q . 0 + sinks[h] = sinks[h]`` and its output is 0: every kernel that
+    takes an additive mask and extra key slots computes it, gradients of ``sinks`` included
+    (they flow through the mask)."""
+    column = F.pad(sinks.view(1, -1, 1, 1), (columns - 1, 0))  # (1, H, 1, columns)
+    return column if mask is None else mask + column
 
 
 def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:

@@ -14,25 +14,32 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _sizes(weight: Tensor) -> list[int]:
-    """Rows of a packed ``(E + 2 Ekv, E)`` weight: q ``E``, k ``Ekv``, v ``Ekv``
-    (``Ekv = Hkv * D``; equal to E without grouped-query attention)."""
-    embed_dim = weight.shape[1]
-    kv_rows = (weight.shape[0] - embed_dim) // 2
-    return [embed_dim, kv_rows, kv_rows]
+def _sizes(weight: Tensor, q_rows: int | None) -> list[int]:
+    """Rows of a packed ``(Eq + 2 Ekv, E)`` weight: q ``Eq``, k ``Ekv``, v ``Ekv``
+    (``Eq = H * D``, ``Ekv = Hkv * D``; both E for torch's layer). ``q_rows`` None: ``Eq`` is
+    E, the weight's width."""
+    q_rows = weight.shape[1] if q_rows is None else q_rows
+    kv_rows = (weight.shape[0] - q_rows) // 2
+    return [q_rows, kv_rows, kv_rows]
 
 
 def packed_in_projection(
-    query: Tensor, key: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    q_rows: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Projects q, k, v with one packed weight ``(E + 2 Ekv, E)`` whose rows are q, then k,
-    then v (``(3E, E)`` as torch's, unless key/value heads are shared).
+    """Projects q, k, v with one packed weight ``(Eq + 2 Ekv, E)`` whose rows are q, then k,
+    then v (``(3E, E)`` as torch's, unless key/value heads are shared or ``head_dim`` is set:
+    ``q_rows`` = Eq = H * D, default E).
 
     Self-attention (``query is key is value``) runs one GEMM; encoder-decoder attention
     (``key is value``) runs two. Inputs ``(..., E)``; outputs q ``(..., E)``, k and v
     ``(..., Ekv)``.
     """
-    sizes = _sizes(weight)
+    sizes = _sizes(weight, q_rows)
     if query is key and key is value:
         return F.linear(query, weight, bias).split(sizes, dim=-1)  # (..., E), 2 x (..., Ekv)
     w_q, w_kv = weight.split([sizes[0], 2 * sizes[1]])
@@ -117,6 +124,12 @@ def append_extra_keys(
         k = torch.cat([k, bias_k.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
         v = torch.cat([v, bias_v.view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)], dim=2)
     if add_zero_attn:
-        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)  # (N, H, S + X, D)
-        v = torch.cat([v, v.new_zeros(batch, heads, 1, head_dim)], dim=2)
+        k, v = append_zero_slot(k), append_zero_slot(v)  # (N, H, S + X, D)
     return k, v
+
+
+def append_zero_slot(x: Tensor) -> Tensor:
+    """Keys or values ``(N, Hkv, S, D)`` -> ``(N, Hkv, S + 1, D)``, the new slot all zeros
+    (``add_zero_attn``'s slot, and the attention sink's: see
+    :func:`multihead.masks.with_sink_logits`)."""
+    return torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])], dim=2)

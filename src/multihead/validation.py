@@ -272,8 +272,9 @@ def check_rope(rope: bool, rope_base: object, head_dim: int) -> float:
     if rope and head_dim % 2:
         raise ValueError(
             invalid(
-                "rope",
-                "an even head_dim (embed_dim / num_heads) for rotary embeddings",
+                "head_dim",
+                "an even head_dim (head_dim, or embed_dim / num_heads) for rotary embeddings "
+                "(rope=True rotates pairs of dims)",
                 f"head_dim={head_dim}",
             )
         )
@@ -306,6 +307,7 @@ def check_attention_arguments(
     softcap: object = None,
     mask_mod: object = None,
     score_mod: object = None,
+    sinks: object = None,
 ) -> None:
     """Checks :func:`multihead.attention`'s arguments: q ``(N, H, L, D)``, k ``(N, Hkv, S, D)``,
     v ``(N, Hkv, S, Dv)`` (None when only weights are asked for), Hkv dividing H, one floating
@@ -372,6 +374,24 @@ def check_attention_arguments(
         raise ValueError(invalid("dropout_p", "a float in [0, 1]", f"dropout_p={dropout_p!r}"))
     check_softcap(softcap)
     check_mods(mask_mod, score_mod)
+    if sinks is not None:
+        _require_tensor("sinks", sinks)
+        if not sinks.is_floating_point() or sinks.device != q.device:
+            raise TypeError(
+                invalid(
+                    "sinks",
+                    f"a floating-point tensor on {q.device} (as q)",
+                    f"dtype {sinks.dtype} on {sinks.device}",
+                )
+            )
+        if tuple(sinks.shape) != (heads,):
+            raise ValueError(
+                invalid("sinks", f"shape ({heads},) (one logit per query head)", sinks.shape)
+            )
+        # +inf or NaN would make every output NaN, -inf a row without keys NaN (data-dependent:
+        # not asked under torch.func transforms or torch.compile, which cannot branch on it).
+        if not functional_autodiff(sinks) and not bool(torch.isfinite(sinks).all()):
+            raise ValueError(invalid("sinks", "finite logits", "a non-finite value"))
 
 
 def check_mods(mask_mod: object, score_mod: object) -> None:
