@@ -299,7 +299,9 @@ def test_qk_norm_registers_learnable_scales_after_torchs_parameters():
 
 def test_defaults_keep_torchs_initialisation():
     torch.manual_seed(3)
-    ours = multihead.MultiheadAttention(16, 4, qk_norm=True, rope=True, window=4, softcap=30.0)
+    ours = multihead.MultiheadAttention(
+        16, 4, qk_norm=True, rope=True, window=4, softcap=30.0, sinks=True, output_gate=True
+    )
     torch.manual_seed(3)
     theirs = torch.nn.MultiheadAttention(16, 4)
     for name, p in theirs.state_dict().items():

@@ -2,7 +2,7 @@
 
 from . import mods
 from .functional import attention, attention_weights
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RollingKVCache
 from .layer import MultiheadAttention
 from .masks import canonical_mask, causal_mask
 from .swap import from_torch, swap, to_torch
@@ -10,6 +10,7 @@ from .swap import from_torch, swap, to_torch
 __all__ = [
     "KVCache",
     "MultiheadAttention",
+    "RollingKVCache",
     "attention",
     "attention_weights",
     "canonical_mask",

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 
 class KVCache(nn.Module):
+    rolling = False  # see RollingKVCache
+
     """Keys and values of the tokens seen so far, ``(N, Hkv, M, D)`` each, and the fill level.
 
     Made by :meth:`multihead.MultiheadAttention.new_cache`; pass it as ``cache=`` to forward.
@@ -136,4 +138,102 @@ class KVCache(nn.Module):
         n, hkv, m, d = self.k.shape
         return (
             f"batch_size={n}, num_kv_heads={hkv}, max_len={m}, head_dim={d}, length={self.length}"
+        )
+
+
+class RollingKVCache(KVCache):
+    """A KV cache for a sliding-window layer that keeps only the keys the window can still
+    see: O(window) memory, and decoding goes on past any length.
+
+    Made by ``layer.new_cache(batch_size, max_len, rolling=True, sink_tokens=s)``. Its
+    buffers ``(N, Hkv, s + max_len, D)`` hold the first ``s`` tokens for good (StreamingLLM's
+    attention-sink tokens; Xiao et al. 2023) and the ``max_len`` most recent others in a ring;
+    ``slot_positions`` ``(s + max_len,)`` gives each slot's absolute position (-1 = empty).
+
+    A call with T new tokens attends over the slots and the T new keys together, ``(N, Hkv,
+    s + max_len + T, D)``, under the mask of absolute positions: query i sees key j when
+    ``j <= i`` and (``i - window < j`` or ``j < s``). That is exactly full-cache decoding with
+    the layer's window mask (and, with sink tokens, the StreamingLLM rule); RoPE keeps absolute
+    positions (StreamingLLM re-numbers positions inside the cache instead; we do not). Only
+    after the call succeeds are the new tokens written: the last ``max_len`` non-sink ones
+    into the ring (with ``max_len >= window``, every key a later query can see is kept). Shapes
+    depend on T only, never on how many tokens came before, so ``torch.compile`` traces one
+    graph per T. Returned weights have one column per slot, then one per new token.
+    """
+
+    rolling = True
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        window: int,
+        sink_tokens: int = 0,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            batch_size, num_kv_heads, sink_tokens + max_len, head_dim, dtype=dtype, device=device
+        )
+        self.window, self.sink_tokens, self.recent = window, sink_tokens, max_len
+        slots = torch.full((sink_tokens + max_len,), -1, dtype=torch.long, device=device)
+        self.register_buffer("slot_positions", slots, persistent=False)
+
+    def attended(self, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The keys and values a call attends over, slots then the T new ones, ``(N, Hkv,
+        C + T, D)`` in the cache's dtype, and the bool mask ``(T, C + T)`` (True = masked) of
+        the rule above. Changes nothing."""
+        steps = torch.arange(k_new.shape[2], device=self.position.device)
+        query_positions = self.position + steps  # (T,)
+        key_positions = torch.cat([self.slot_positions, query_positions])  # (C + T,)
+        q_pos, k_pos = query_positions[:, None], key_positions[None, :]
+        seen = (
+            (k_pos >= 0)
+            & (k_pos <= q_pos)
+            & ((q_pos - k_pos < self.window) | (k_pos < self.sink_tokens))
+        )
+        keys = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)
+        values = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
+        return keys, values, ~seen
+
+    def commit(self, k_new: Tensor, v_new: Tensor) -> None:
+        """Writes the T new tokens after a successful call: positions below ``sink_tokens`` to
+        their own slot, the others to ring slot ``s + (p - s) mod max_len`` (a later token of
+        the call wins a slot over an earlier one), and advances the fill level."""
+        if (
+            not torch.compiler.is_compiling()
+            and self.k.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
+            self.k, self.v = self.k.clone(), self.v.clone()
+            self.position, self.slot_positions = self.position.clone(), self.slot_positions.clone()
+        tokens, sinks = k_new.shape[2], self.sink_tokens
+        device = self.position.device
+        positions = self.position + torch.arange(tokens, device=device)  # (T,)
+        ring = sinks + torch.remainder(positions - sinks, self.recent)
+        slots = torch.where(positions < sinks, positions, ring)  # (T,)
+        # For each slot, the last new token written to it (-1: none): static shapes, and a
+        # deterministic choice where two new tokens share a slot (index_copy_ is not).
+        writer = torch.full_like(self.slot_positions, -1).scatter_reduce(
+            0, slots, torch.arange(tokens, device=device), reduce="amax"
+        )
+        written = writer >= 0  # (C,)
+        source = writer.clamp(min=0)
+        self.k.copy_(torch.where(written[:, None], k_new.to(self.k.dtype)[:, :, source], self.k))
+        self.v.copy_(torch.where(written[:, None], v_new.to(self.v.dtype)[:, :, source], self.v))
+        self.slot_positions.copy_(torch.where(written, positions[source], self.slot_positions))
+        self.position += tokens
+
+    def reset(self) -> None:
+        """Empties the cache (the buffers keep their memory)."""
+        self.position.zero_()
+        self.slot_positions.fill_(-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, window={self.window}, sink_tokens={self.sink_tokens}, "
+            "rolling=True"
         )

@@ -21,7 +21,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from . import functional
 from .attention_mask import AttentionMask
 from .functional import attention_core, packed_self_attention
-from .kv_cache import KVCache
+from .kv_cache import KVCache, RollingKVCache
 from .mods import MaskMod, ScoreMod
 from .projection import (
     append_extra_keys,
@@ -554,18 +554,27 @@ class MultiheadAttention(nn.Module):
             q, k = self._rotate(q, k, offset)
         key_len = call.key_len
         undo = None  # a user's mod may raise after the update: then the cache is restored
-        if cache is not None:
+        rolled = new = None
+        if cache is not None and cache.rolling:
+            # Slots and new tokens together, under their positions' mask; the new tokens are
+            # written only once the call has succeeded (see RollingKVCache).
+            new = (k, v)
+            k, v, rolled = cache.attended(k, v)  # (N, Hkv, C + T, D), mask (T, C + T)
+            key_len, is_causal = k.shape[2], False
+        elif cache is not None:
             undo = cache.undo_point(call.query_len) if call.mask_mod or call.score_mod else None
             k, v = cache.update(k, v)  # (N, Hkv, max_len, D): static shapes
-            if k.dtype != q.dtype:  # under autocast the cache may hold another precision
-                k, v = k.to(q.dtype), v.to(q.dtype)
             key_len, is_causal = k.shape[2], True
+        if k.dtype != q.dtype:  # under autocast the cache may hold another precision
+            k, v = k.to(q.dtype), v.to(q.dtype)
         k, v = append_extra_keys(k, v, self.bias_k, self.bias_v, self.add_zero_attn)
         sinks = self.sinks
         if sinks is not None:
             k, v = append_zero_slot(k), append_zero_slot(v)  # the sink's slot, last
-        mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset, sinks)
+        mask = self._mask(call, q, key_len, k.shape[2] - key_len, is_causal, offset, sinks, rolled)
         out, weights = self._attend(q, k, v, mask, cache, undo, need_weights, average_attn_weights)
+        if new is not None:
+            cache.commit(*new)
         if sinks is not None and weights is not None:
             weights = weights[..., :-1]  # the sink attends to nothing: no column of its own
         out = merge_heads(out, call.batch_first)  # (N, L, H * D) or (L, N, H * D)
@@ -587,8 +596,10 @@ class MultiheadAttention(nn.Module):
         is_causal: bool,
         offset: int | Tensor,
         sinks: Tensor | None,
+        rolled: Tensor | None = None,
     ) -> AttentionMask:
-        """The call's one constraint description (see :mod:`multihead.attention_mask`)."""
+        """The call's one constraint description (see :mod:`multihead.attention_mask`).
+        ``rolled``: a rolling cache's position mask, which holds causality and the window."""
         return AttentionMask.build(
             batch=call.batch_size,
             heads=self.num_heads,
@@ -597,11 +608,11 @@ class MultiheadAttention(nn.Module):
             extra_keys=extra_keys,
             dtype=q.dtype,
             device=q.device,
-            attn_mask=call.attn_mask,
+            attn_mask=call.attn_mask if rolled is None else rolled,
             key_padding_mask=call.key_padding_mask,
             is_causal=is_causal,
-            query_offset=offset,
-            window=self.window,
+            query_offset=offset if rolled is None else 0,
+            window=self.window if rolled is None else None,
             segment_ids=call.segment_ids,
             mask_mod=call.mask_mod,
             score_mod=call.score_mod,
@@ -700,6 +711,24 @@ class MultiheadAttention(nn.Module):
             autocast=autocast,
         )
         check_mods(mask_mod, score_mod)
+        if cache is not None and cache.rolling:
+            if mask_mod is not None or score_mod is not None:
+                raise ValueError(
+                    invalid(
+                        "cache",
+                        "a full cache (new_cache without rolling) with mask_mod / score_mod: "
+                        "a rolling cache's key columns are ring slots, not positions",
+                        "a rolling cache and a mod",
+                    )
+                )
+            if cache.window != self.window:
+                raise ValueError(
+                    invalid(
+                        "cache",
+                        f"a rolling cache made for window={self.window} (this layer's)",
+                        f"one made for window={cache.window}",
+                    )
+                )
         return _Call(
             is_batched=is_batched,
             batch_first=self.batch_first or not is_batched,  # unbatched becomes (1, L, E)
@@ -836,19 +865,71 @@ class MultiheadAttention(nn.Module):
         max_len: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        rolling: bool = False,
+        sink_tokens: int = 0,
     ) -> KVCache:
         """A preallocated :class:`multihead.KVCache` for ``batch_size`` rows of up to
         ``max_len`` tokens: keys and values ``(N, Hkv, max_len, D)``, in the layer's dtype and
-        device unless given."""
+        device unless given.
+
+        ``rolling=True`` (a layer with ``window`` only): a :class:`multihead.RollingKVCache`
+        that keeps the first ``sink_tokens`` tokens and the last ``max_len`` others (at least
+        ``window``; ``max_len=window`` is the natural size), ``(N, Hkv, sink_tokens + max_len,
+        D)``, and decodes past any length.
+
+        Raises:
+            ValueError: a size that is not a positive int (``sink_tokens``: >= 0), ``rolling``
+                on a layer without ``window``, ``max_len < window`` with ``rolling``, or
+                ``sink_tokens`` without ``rolling``.
+        """
         weight = self.out_proj.weight
-        cache = KVCache(
-            check_positive_int("batch_size", batch_size),
-            self.num_kv_heads,
-            check_positive_int("max_len", max_len),
-            self.head_dim,
-            dtype=weight.dtype if dtype is None else dtype,
-            device=weight.device if device is None else device,
-        )
+        batch_size = check_positive_int("batch_size", batch_size)
+        max_len = check_positive_int("max_len", max_len)
+        dtype = weight.dtype if dtype is None else dtype
+        device = weight.device if device is None else device
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise ValueError(invalid("sink_tokens", "an int >= 0", f"sink_tokens={sink_tokens!r}"))
+        if not rolling:
+            if sink_tokens:
+                raise ValueError(
+                    invalid(
+                        "sink_tokens",
+                        "0 unless rolling=True (a full cache keeps every token anyway)",
+                        f"sink_tokens={sink_tokens}",
+                    )
+                )
+            cache = KVCache(
+                batch_size, self.num_kv_heads, max_len, self.head_dim, dtype=dtype, device=device
+            )
+        else:
+            if self.window is None:
+                raise ValueError(
+                    invalid(
+                        "rolling",
+                        "a layer with window= (a rolling cache forgets keys older than the window)",
+                        "rolling=True on a layer without window",
+                    )
+                )
+            if max_len < self.window:
+                raise ValueError(
+                    invalid(
+                        "max_len",
+                        f"at least window={self.window} with rolling=True (the keys a query "
+                        "can still see)",
+                        f"max_len={max_len}",
+                    )
+                )
+            cache = RollingKVCache(
+                batch_size,
+                self.num_kv_heads,
+                max_len,
+                self.head_dim,
+                window=self.window,
+                sink_tokens=sink_tokens,
+                dtype=dtype,
+                device=device,
+            )
         cache.claim(self)  # it belongs to this layer; any other refuses it
         return cache
 

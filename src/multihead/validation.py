@@ -521,7 +521,9 @@ def check_extras(
                 )
             )
         # Reading the fill level is data-dependent; under torch.compile the check is skipped.
-        if not torch.compiler.is_compiling() and cache.length + key_len > cache.max_len:
+        # A rolling cache never fills (it keeps the window's keys only).
+        full = not cache.rolling and cache.length + key_len > cache.max_len
+        if not torch.compiler.is_compiling() and full:
             raise ValueError(
                 invalid(
                     "cache",
