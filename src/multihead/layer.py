@@ -1,6 +1,7 @@
 """MultiheadAttention: a drop-in for ``torch.nn.MultiheadAttention`` over our functional core.
 
-Shape legend: N batch, L query length, S key length, E embed dim, H heads, D head dim (E / H),
+Shape legend: N batch, L query length, S key length, E embed dim, H heads, D head dim (E / H,
+or ``head_dim``),
 X extra key slots (``add_bias_kv`` and ``add_zero_attn``).
 """
 
@@ -148,8 +149,9 @@ class MultiheadAttention(nn.Module):
     ``torch.nn.MultiheadAttention``.
 
     Args:
-        embed_dim: E, the model width; must be divisible by ``num_heads``.
-        num_heads: H, the number of heads; each has D = E / H dims.
+        embed_dim: E, the model width; must be divisible by ``num_heads`` unless ``head_dim``
+            is given.
+        num_heads: H, the number of heads; each has D = E / H dims (or ``head_dim``).
         dropout: dropout probability on the attention weights in training, in [0, 1].
         bias: add biases to the input and output projections.
         add_bias_kv: append a learnt key and value slot ``(1, 1, E)`` to every sequence.
@@ -157,6 +159,17 @@ class MultiheadAttention(nn.Module):
         kdim, vdim: Ek, Ev, the key / value embedding dims (default E).
         batch_first: inputs and outputs are ``(N, L, E)`` instead of ``(L, N, E)``.
         device, dtype: where and in what dtype the parameters are created.
+
+    Keyword-only options beyond torch (all off by default; see the README for each):
+        num_kv_heads, rope, rope_base, window, qk_norm, softcap: grouped-query attention,
+            rotary embeddings, a sliding window, QK-norm, logit soft-capping.
+        head_dim: D, with q projecting E -> H * D, k and v E -> Hkv * D and ``out_proj``
+            H * D -> E (Qwen3 / Gemma / gpt-oss).
+        sinks: a learned attention-sink logit per head, ``sinks`` ``(H,)`` (gpt-oss): one more
+            term in each softmax's normaliser that attends to no value; returned weights cover
+            the real keys only.
+        output_gate: multiply the merged heads by ``sigmoid(gate_proj(query))`` before
+            ``out_proj`` (Qwen3-Next), ``gate_proj`` an ``nn.Linear(E, H * D)``.
 
     Differences from torch (deliberate): ``is_causal=True`` always applies the causal mask, on
     top of ``attn_mask`` if given; a query whose keys are all masked gets zero attention and
