@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from .. import functional
+from ..validation import invalid as _invalid
 
 __all__ = ["multihead_attention_forward", "multihead_mask", "register"]
 
@@ -249,10 +250,6 @@ def _wants_weights(module: object, kwargs: dict[str, Any]) -> bool:
     if flag is None:
         flag = getattr(getattr(module, "config", None), "output_attentions", False)
     return bool(flag)
-
-
-def _invalid(name: str, expected: str, received: object) -> str:
-    return f"Invalid argument `{name}`: expected {expected}. Received: {received}."
 
 
 def _describe(x: object) -> str:
