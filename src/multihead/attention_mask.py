@@ -81,6 +81,12 @@ class AttentionMask:
     dtype: torch.dtype = torch.float32  # of the additive tile masks (the compute dtype)
     # True when the mask cannot hide a query's every key (set by the builder).
     rows_keep_a_key: bool = field(default=False)
+    # The sink logits (H,) and the causal flag, set only when they are a call's only
+    # constraints (no other mask, no query offset, the sink the only extra slot): a kernel
+    # may then attend over the S real keys alone and fold the sink in from the log-sum-exp
+    # (see multihead.functional._SinkFlashAttention). `user` holds them too, for every kernel.
+    sinks: Tensor | None = None
+    sinks_causal: bool = False
 
     @classmethod
     def build(
@@ -151,6 +157,15 @@ class AttentionMask:
             narrow=not tiled,
             sinks=sinks,
         )
+        sink_alone = (
+            sinks is not None
+            and attn_mask is None
+            and key_padding_mask is None
+            and extra_keys == 1
+            and not tiled
+            and (not is_causal or (isinstance(query_offset, int) and query_offset == 0))
+        )
+        sinks_causal = bool(is_causal) and sink_alone
         # Tiles are chosen on the host, from the query offset; without tiles it is in `user`.
         offset = int(query_offset) if tiled else 0
         is_causal = is_causal if tiled else causal_flag
@@ -174,6 +189,8 @@ class AttentionMask:
             softcap=softcap,
             dtype=dtype,
             rows_keep_a_key=keeps or extra_keys > 0,
+            sinks=sinks.to(dtype) if sink_alone else None,
+            sinks_causal=sinks_causal,
         )
 
     # -- what the call needs ------------------------------------------------------------

@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend
 
 from .attention_mask import AttentionMask, as_causal_flag
+from .logits import attention_logits, weighted_values
 from .logits import scale as logits_scale
-from .logits import weighted_values
 from .masks import causal_mask, split_empty_rows, with_sink_logits
 from .mods import MaskMod, ScoreMod
 from .projection import append_zero_slot, merge_heads, packed_heads, split_packed_heads
@@ -202,6 +202,9 @@ def attention(
             folded = F.pad(folded, (0, 1))
         folded = with_sink_logits(folded, sinks.to(q.dtype), key_len + 1)
         k, v = append_zero_slot(k), append_zero_slot(v)
+    # Sinks with no other constraint than causality: the SDPA path may fold them in from the
+    # log-sum-exp of the real keys (AttentionMask.sinks).
+    sink_alone = sinks is not None and mask is None and not tiled
     constraints = AttentionMask(
         batch=q.shape[0],
         heads=q.shape[1],
@@ -215,6 +218,8 @@ def attention(
         softcap=softcap,
         dtype=q.dtype,
         rows_keep_a_key=(mask is None and mask_mod is None) or sinks is not None,
+        sinks=sinks.to(q.dtype) if sink_alone else None,
+        sinks_causal=is_causal and sink_alone,
     )
     out, weights = attention_core(
         q,
@@ -298,7 +303,12 @@ def attention_core(
         )
         return out, weights if need_weights else None
 
-    out = _select_empty(sdpa(q, k, v, tensor, dropout_p=dropout_p, is_causal=is_causal), empty)
+    out = None
+    if mask.sinks is not None and dropout_p == 0.0:
+        out = _sink_flash(q, k, v, mask.sinks, mask.sinks_causal)
+    if out is None:
+        out = sdpa(q, k, v, tensor, dropout_p=dropout_p, is_causal=is_causal)
+        out = _select_empty(out, empty)
     weights = None
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, tensor, empty, is_causal=is_causal)
@@ -507,6 +517,66 @@ class _FusedAttention(torch.autograd.Function):
             )
         )
         return (*(next(grads) if need else None for need in needed), None, None)
+
+
+def _sink_flash(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, is_causal: bool) -> Tensor | None:
+    """Attention with sinks over keys / values ``(N, H, S + 1, D)`` whose last slot is the
+    sink's (zero key and value): SDPA's CPU flash kernel over the S real keys, the sink folded
+    in from its log-sum-exp (:class:`_SinkFlashAttention`). None where that kernel would not
+    run (other devices, grouped heads, strides it refuses, torch.compile): the caller then
+    runs the sink as a masked key slot, the same numbers to rounding."""
+    if torch.compiler.is_compiling():
+        return None
+    k, v = k[:, :, :-1], v[:, :, :-1]
+    if not _direct_flash(q, k, v, None, is_causal):
+        return None
+    return _SinkFlashAttention.apply(q, k, v, sinks, is_causal)
+
+
+class _SinkFlashAttention(torch.autograd.Function):
+    """softmax([q k^T / sqrt(D) (causal), sinks[h]]) without the sink's column, times v,
+    ``(N, H, L, D)``, from SDPA's CPU flash kernel on the real keys.
+
+    With the kernel's log-sum-exp ``lse`` over the real keys and ``total = logaddexp(lse,
+    sink)``, the sink's share of each row is ``exp(sink - total)`` and the output is the
+    kernel's times ``exp(lse - total)``. Backward: the flash backward given that output and
+    ``total`` computes the gradients of the sink-inclusive softmax for q, k and v exactly
+    (its ``rowsum(dO * O)`` term is then the full softmax's, and ``exp(s - total)`` the
+    probabilities over every slot); the sink's gradient is ``-sum(exp(sink - total) *
+    rowsum(dO * O))`` over batch and queries (its value is zero, so ``dP`` is zero there).
+    Under ``create_graph=True`` the backward differentiates the explicit formula instead.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, is_causal: bool):
+        out, lse = _FLASH_CPU(q, k, v, 0.0, is_causal)
+        sink = sinks.to(lse.dtype).view(1, -1, 1)
+        total = torch.logaddexp(lse, sink)  # (N, H, L)
+        out = out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)
+        ctx.is_causal = is_causal
+        ctx.save_for_backward(q, k, v, sinks, out, total)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, sinks, out, total = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            logits = attention_logits(q, k)
+            if ctx.is_causal:
+                above = causal_mask(q.shape[2], k.shape[2], logits.dtype, logits.device)
+                logits = logits + above
+            column = sinks.to(logits.dtype).view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+            probs = torch.softmax(torch.cat([logits, column], dim=-1), dim=-1)[..., :-1]
+            formula = weighted_values(probs, v)
+            needed = ctx.needs_input_grad[:4]
+            inputs = [x for x, need in zip((q, k, v, sinks), needed, strict=True) if need]
+            grads = iter(torch.autograd.grad(formula, inputs, grad_out, create_graph=True))
+            return (*(next(grads) if need else None for need in needed), None)
+        dq, dk, dv = _FLASH_CPU_BACKWARD(grad_out, q, k, v, out, total, 0.0, ctx.is_causal)
+        share = torch.exp(sinks.to(total.dtype).view(1, -1, 1) - total)  # (N, H, L)
+        delta = (grad_out.to(total.dtype) * out.to(total.dtype)).sum(-1)  # rowsum(dO * O)
+        dsinks = -(share * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        return dq, dk, dv, dsinks, None
 
 
 def _sdpa(

@@ -1,0 +1,113 @@
+"""Attention sinks (issue 12) on the SDPA path: the flash kernel over the real keys with the
+sink folded in from the log-sum-exp (functional._SinkFlashAttention) equals the sink as a
+masked key slot (the route of every other path), in outputs and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import multihead
+import multihead.functional as functional
+
+TOL = dict(atol=1e-12, rtol=1e-12)
+
+
+def formula(q, k, v, sinks, is_causal):
+    """softmax([q k^T / sqrt(D), sink_h]) without the sink's column, times v (float64)."""
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if is_causal:
+        above = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).triu(1)
+        logits = logits.masked_fill(above, float("-inf"))
+    column = sinks.view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+    probs = torch.softmax(torch.cat([logits, column], -1), -1)[..., :-1]
+    return probs @ v
+
+
+@pytest.fixture
+def flash_calls(monkeypatch):
+    calls = []
+    original = functional._SinkFlashAttention.apply
+
+    def spy(*args):
+        calls.append(args[4])
+        return original(*args)
+
+    monkeypatch.setattr(functional._SinkFlashAttention, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize(("length", "keys"), [(37, 37), (5, 130)])
+def test_flash_route_equals_the_formula_and_the_slot_route(
+    is_causal, length, keys, flash_calls, monkeypatch
+):
+    if is_causal and length != keys:
+        keys = length
+    gen = torch.Generator().manual_seed(length + keys)
+    shape = (2, 4, length, 8)
+    q = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 4, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 4, keys, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    sinks = (torch.randn(4, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    out, _ = functional.attention(q, k, v, is_causal=is_causal, sinks=sinks)
+    assert flash_calls == [is_causal]  # the flash route ran
+    g = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), g)
+    ref = formula(q, k, v, sinks, is_causal)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, sinks), g)
+    torch.testing.assert_close(out, ref, **TOL)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    monkeypatch.setattr(functional, "_sink_flash", lambda *args: None)  # the slot route
+    slot, _ = functional.attention(q, k, v, is_causal=is_causal, sinks=sinks)
+    torch.testing.assert_close(out, slot, **TOL)
+    for a, b in zip(grads, torch.autograd.grad(slot, (q, k, v, sinks), g), strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_flash_route_double_backward(flash_calls):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    sinks = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def run(q, k, v, sinks):
+        return functional.attention(q, k, v, is_causal=True, sinks=sinks)[0]
+
+    assert torch.autograd.gradgradcheck(run, (q, k, v, sinks))
+    assert flash_calls  # gradgradcheck went through the flash route's create_graph backward
+
+
+def test_layer_training_call_takes_the_flash_route(flash_calls):
+    torch.manual_seed(0)
+    layer = multihead.MultiheadAttention(16, 4, batch_first=True, sinks=True, dtype=torch.float64)
+    with torch.no_grad():
+        layer.sinks.normal_()
+    x = torch.randn(2, 300, 16, dtype=torch.float64, requires_grad=True)
+    out, weights = layer(x, x, x, is_causal=True)  # need_weights: sdpa + averaged weights
+    assert flash_calls == [True]
+    out.sum().backward()
+    assert layer.sinks.grad is not None and layer.sinks.grad.abs().sum() > 0
+    # The rows' weights (real keys only) plus each head's sink share sum to one.
+    assert bool((weights.sum(-1) < 1).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_kv_heads": 2},  # grouped heads: the flash kernel is called per head here
+        {"key_padding_mask": True},
+        {"window": 3},
+    ],
+)
+def test_other_constraints_take_the_slot_route(kwargs, flash_calls):
+    kwargs = dict(kwargs)
+    padding = kwargs.pop("key_padding_mask", False)
+    layer = multihead.MultiheadAttention(16, 4, batch_first=True, sinks=True, **kwargs)
+    x = torch.randn(2, 300, 16, requires_grad=True)
+    mask = torch.zeros(2, 300, dtype=torch.bool) if padding else None
+    layer(x, x, x, key_padding_mask=mask, need_weights=False, is_causal=True)
+    assert flash_calls == []
