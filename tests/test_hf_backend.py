@@ -570,6 +570,20 @@ def test_direct_call_matches_sdpa_attention_forward(
     assert max_diff(mine, theirs) <= tol
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["fused", "with-weights"])
+def test_value_head_size_apart_from_the_key_s_matches_sdpa(weights):
+    """MLA models (DeepSeek-V2/V3) give values of another head size (Dv != D)."""
+    q, k, _ = _qkv(hkv=4, length=6, dtype=torch.float64)
+    v = torch.randn(2, 4, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    module = _Module(is_causal=True)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    mine, _ = hf_backend.multihead_attention_forward(
+        module, q, k, v, None, scaling=0.3, output_attentions=weights
+    )
+    assert mine.shape == theirs.shape == (2, 6, 4, 5)
+    torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=1e-12)
+
+
 def test_is_causal_keyword_and_position_bias_match_sdpa():
     q, k, v = _qkv(hkv=4, length=5)
     module = _Module(is_causal=True)

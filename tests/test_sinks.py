@@ -111,3 +111,86 @@ def test_other_constraints_take_the_slot_route(kwargs, flash_calls):
     mask = torch.zeros(2, 300, dtype=torch.bool) if padding else None
     layer(x, x, x, key_padding_mask=mask, need_weights=False, is_causal=True)
     assert flash_calls == []
+
+
+# -- review findings (each failed before its fix) --------------------------------------------
+
+
+def test_functional_sinks_keep_the_mask_with_causal_and_a_mod():
+    """With a mask, is_causal, a mod and sinks, the mask is kept (it was replaced by the
+    causal mask)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(2, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(6, 6, dtype=torch.float64)
+    mask[:, 0] = float("-inf")  # key 0 hidden from every query
+    keep_all = multihead.mods.and_masks(lambda b, h, q_idx, kv_idx: kv_idx >= 0)
+    out, w = functional.attention(
+        q,
+        k,
+        v,
+        mask,
+        is_causal=True,
+        mask_mod=keep_all,
+        sinks=sinks,
+        need_weights=True,
+        average_weights=False,
+    )
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    full_mask = mask.masked_fill(causal, float("-inf"))
+    logits = q @ k.transpose(-1, -2) / 2 + full_mask
+    column = sinks.view(1, -1, 1, 1).expand(1, 2, 6, 1)
+    ref_w = torch.softmax(torch.cat([logits, column], -1), -1)[..., :-1]
+    assert (w[..., 0] == 0).all()
+    torch.testing.assert_close(w, ref_w, **TOL)
+    torch.testing.assert_close(out, ref_w @ v, **TOL)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_layer_refuses_non_finite_sinks(value):
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True, sinks=True)
+    with torch.no_grad():
+        layer.sinks[1] = value
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match=r"`sinks`.*finite"):
+        layer(x, x, x, key_padding_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"`sinks`.*finite"):
+        functional.attention(*(torch.randn(1, 2, 3, 4) for _ in range(3)), sinks=layer.sinks)
+
+
+def test_functional_sinks_compile_fullgraph():
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    sinks = torch.randn(2)
+
+    def run(q, k, v, sinks):
+        return functional.attention(q, k, v, is_causal=True, sinks=sinks)[0]
+
+    compiled = torch.compile(run, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, sinks), run(q, k, v, sinks))
+
+
+def test_vmap_over_the_sinks_alone():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    stacked = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    out = torch.vmap(lambda s: functional.attention(q, k, v, sinks=s)[0])(stacked)
+    for i in range(3):
+        torch.testing.assert_close(out[i], formula(q, k, v, stacked[i], False), **TOL)
+
+
+def test_canonical_mask_refuses_sinks_without_their_slot():
+    with pytest.raises(ValueError, match=r"`sinks`.*extra_keys >= 1"):
+        multihead.canonical_mask(
+            key_padding_mask=None,
+            attn_mask=None,
+            is_causal=True,
+            batch_size=1,
+            num_heads=2,
+            query_len=3,
+            key_len=3,
+            extra_keys=0,
+            dtype=torch.float32,
+            device=torch.device("cpu"),
+            sinks=torch.zeros(2),
+        )

@@ -193,7 +193,7 @@ def attention(
     if sinks is not None:
         # The sink is one more key slot (zero key, zero value) whose logit comes from the
         # mask; the causal flag (top-left over S + 1 keys) would hide it, so it joins the mask.
-        if causal:
+        if causal and not tiled:  # (with a mask, _fold_causal has already added causality)
             folded = causal_mask(q.shape[2], key_len, q.dtype, q.device).view(
                 1, 1, q.shape[2], key_len
             )

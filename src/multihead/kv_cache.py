@@ -17,8 +17,6 @@ from torch import Tensor, nn
 
 
 class KVCache(nn.Module):
-    rolling = False  # see RollingKVCache
-
     """Keys and values of the tokens seen so far, ``(N, Hkv, M, D)`` each, and the fill level.
 
     Made by :meth:`multihead.MultiheadAttention.new_cache`; pass it as ``cache=`` to forward.
@@ -26,6 +24,8 @@ class KVCache(nn.Module):
     made it, or the first one it is passed to (a cache built directly, or copied / unpickled,
     has no owner until then); another layer refuses it.
     """
+
+    rolling = False  # see RollingKVCache
 
     def __init__(
         self,
@@ -54,7 +54,8 @@ class KVCache(nn.Module):
 
     @property
     def length(self) -> int:
-        """Slots filled; the next token goes to this position."""
+        """Tokens seen so far: the next token's position (for a full cache, the slots
+        filled; a rolling cache goes on counting past its slots)."""
         return int(self.position)
 
     @property
@@ -63,6 +64,7 @@ class KVCache(nn.Module):
 
     @property
     def max_len(self) -> int:
+        """Key slots in the buffers (for a rolling cache: ``sink_tokens`` + its ring)."""
         return self.k.shape[2]
 
     def owned_by(self, layer: nn.Module) -> bool:

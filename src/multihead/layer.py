@@ -34,6 +34,7 @@ from .projection import (
     split_packed_heads,
 )
 from .rotary import apply_rotary, rotary_cos_sin
+from .transforms import functional_autodiff
 from .validation import (
     autocast_enabled,
     check_dropout,
@@ -724,6 +725,17 @@ class MultiheadAttention(nn.Module):
             autocast=autocast,
         )
         check_mods(mask_mod, score_mod)
+        sinks = self.sinks
+        if (
+            sinks is not None
+            and not torch.compiler.is_compiling()
+            and not functional_autodiff(sinks)
+            and not bool(torch.isfinite(sinks).all())
+        ):
+            # +inf makes every output NaN, -inf a row without keys NaN: refused, not returned.
+            raise ValueError(
+                invalid("sinks", "finite sink logits (layer.sinks)", "a non-finite value")
+            )
         if cache is not None and cache.rolling:
             if mask_mod is not None or score_mod is not None:
                 raise ValueError(

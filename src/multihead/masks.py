@@ -175,6 +175,12 @@ def canonical_mask(
         that happens when causal is the only constraint (from ``is_causal``, or an ``attn_mask``
         that is exactly the causal pattern), so a kernel can skip whole blocks.
     """
+    if sinks is not None and (extra_keys < 1 or tuple(sinks.shape) != (num_heads,)):
+        raise ValueError(
+            f"Invalid argument `sinks`: expected shape ({num_heads},) and extra_keys >= 1 (the "
+            f"last extra slot is the sink's). Received: shape {tuple(sinks.shape)}, "
+            f"extra_keys={extra_keys}."
+        )
     window = effective_window(window, query_len, key_len)
     no_offset = isinstance(query_offset, int) and query_offset == 0
     plain = no_offset and window is None and segment_ids is None

@@ -49,7 +49,8 @@ def check_heads(embed_dim: int, num_heads: int) -> None:
         raise ValueError(
             invalid(
                 "embed_dim",
-                f"a multiple of num_heads={num_heads}",
+                f"a multiple of num_heads={num_heads} (or pass head_dim= to size the heads "
+                "apart from embed_dim)",
                 f"embed_dim={embed_dim}",
             )
         )
@@ -390,7 +391,9 @@ def check_attention_arguments(
             )
         # +inf or NaN would make every output NaN, -inf a row without keys NaN (data-dependent:
         # not asked under torch.func transforms or torch.compile, which cannot branch on it).
-        if not functional_autodiff(sinks) and not bool(torch.isfinite(sinks).all()):
+        if not (functional_autodiff(sinks) or torch.compiler.is_compiling()) and not bool(
+            torch.isfinite(sinks).all()
+        ):
             raise ValueError(invalid("sinks", "finite logits", "a non-finite value"))
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from .logits import attention_logits, summed_over_groups, weighted_values
 from .logits import scale as logits_scale
 from .masks import position_mask
+from .transforms import functional_autodiff
 
 # Scratch for one block of per-head scores, in elements (8 MiB of fp32). Big enough for GEMM
 # efficiency, small enough to stay near the cache and far below (N, H, L, S) at long L. Measured
@@ -66,7 +67,8 @@ def block_probabilities(
     scores = attention_logits(q_blk, k, softcap=softcap, out=scratch)  # (N, H, B, S)
     # In place: scores is fresh, and matmul does not keep its output for backward.
     if mask_blk is not None:
-        scores.add_(mask_blk)
+        # Out of place under torch.func: a batched mask cannot be added into unbatched scores.
+        scores = scores + mask_blk if functional_autodiff(mask_blk) else scores.add_(mask_blk)
     if is_causal:
         rows = torch.arange(start, start + q_blk.shape[-2], device=q_blk.device)
         above = position_mask(rows, torch.arange(k.shape[-2], device=q_blk.device), causal=True)

@@ -279,8 +279,10 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         raise ValueError(
             _invalid("key", f"a head count Hkv dividing the query's {heads}", _describe(key))
         )
-    if key.shape != value.shape:
-        raise ValueError(_invalid("value", f"key's shape {tuple(key.shape)}", _describe(value)))
+    if key.shape[:3] != value.shape[:3]:  # the value head size may differ (MLA: DeepSeek-V2/3)
+        raise ValueError(
+            _invalid("value", f"shape {tuple(key.shape[:3])} + (Dv,) (as key)", _describe(value))
+        )
 
 
 def _check_scaling(scaling: object, head_dim: int) -> float:
