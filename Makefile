@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml requirements-dev.txt
 demo: $(STAMP)
 	$(PY) -m multihead demo
 	$(PY) -m multihead show "The cat sat on the mat because it was warm." --out docs/attention.png
+	$(PY) -m multihead view "The cat sat on the mat because it was warm." --out docs/attention.html
 
 # The set-up installs every extra (none of them moves the pinned CPU torch: pip keeps the
 # installed 2.13.0+cpu), so that the suite's benchmark, export, MiniLM and plot tests run

@@ -1,17 +1,18 @@
-"""Command line: python -m multihead demo, bench and show."""
+"""Command line: python -m multihead demo, bench, show and view."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import show
+from . import show, view
 from .benchmark import cli as bench_cli
 from .demo import demo
 
 DESCRIPTION = (
     "multihead.MultiheadAttention from the command line: the seed example (demo), the benchmark "
-    "against torch.nn.MultiheadAttention (bench) and MiniLM's attention heads (show)."
+    "against torch.nn.MultiheadAttention (bench), MiniLM's attention heads as a picture (show) "
+    "and as an interactive HTML viewer (view)."
 )
 
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m multihead`` and its subcommands."""
     parser = _Parser(prog="multihead", description=DESCRIPTION)
     commands = parser.add_subparsers(
-        dest="command", metavar="{demo,bench,show}", required=True, parser_class=_Parser
+        dest="command", metavar="{demo,bench,show,view}", required=True, parser_class=_Parser
     )
     parser.commands = commands  # main() finds each subcommand's parser here
     commands.add_parser(
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
             "extras are checked before the model loads.",
         )
     )
+    view.add_arguments(
+        commands.add_parser(
+            "view",
+            help="write an interactive HTML viewer of MiniLM's attention, all six layers "
+            "(needs the models extra)",
+            description="Runs all-MiniLM-L6-v2 on TEXT (and --pair) and writes one "
+            "self-contained HTML file (no network) with head, grid and model views of every "
+            "layer and head. Arguments and the extra are checked before the model loads.",
+        )
+    )
     return parser
 
 
@@ -75,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # named by the subcommand they were given to, as its own errors are
         parser.commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    handlers = {"demo": _demo, "bench": bench_cli.main, "show": show.main}
+    handlers = {
+        "demo": _demo,
+        "bench": bench_cli.main,
+        "show": show.main,
+        "view": view.main,
+    }
     return handlers[args.command](args)
 
 
