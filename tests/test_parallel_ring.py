@@ -295,6 +295,80 @@ def no_weights_gqa(rank: int, world: int) -> dict:
     return _compare(rank, world, causal=True, need_weights=False, layer=layer, length=16)
 
 
+class _Spy:
+    """Counts the ring's calls of its flash kernels and of its masked-formula tiles, and sets
+    its tile budget, for the duration of a ``with``."""
+
+    def __init__(self, tile_elements: int | None = None) -> None:
+        self.calls = {"_FLASH_CPU": 0, "_FLASH_CPU_BACKWARD": 0, "_tile_scores": 0}
+        self.tile_elements = tile_elements
+
+    def __enter__(self) -> _Spy:
+        ring = _ring()
+        self.saved = {name: getattr(ring, name) for name in [*self.calls, "_TILE_ELEMENTS"]}
+        for name in self.calls:
+
+            def spy(*args, _name=name, **kwargs):
+                self.calls[_name] += 1
+                return self.saved[_name](*args, **kwargs)
+
+            setattr(ring, name, spy)
+        if self.tile_elements is not None:
+            ring._TILE_ELEMENTS = self.tile_elements
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, value in self.saved.items():
+            setattr(_ring(), name, value)
+
+
+@case
+def flash_route_causal(rank: int, world: int) -> dict:
+    """A plain causal call (no weights) takes the CPU flash kernel forward and backward for
+    every visible tile, and no masked-formula tile, and equals one process; with sinks (a
+    gradient through the ring's lse) and GQA too."""
+    calls = {}
+    for name, layer in (("plain", {}), ("sinks_gqa", {"sinks": True, "num_kv_heads": 2})):
+        with _Spy() as spy:
+            _compare(rank, world, causal=True, length=19, need_weights=False, layer=layer)
+        assert spy.calls["_FLASH_CPU"] > 0, spy.calls
+        assert spy.calls["_FLASH_CPU_BACKWARD"] > 0, spy.calls
+        assert spy.calls["_tile_scores"] == 0, spy.calls
+        calls[name] = spy.calls
+    return calls
+
+
+@case
+def flash_route_window_contiguous(rank: int, world: int) -> dict:
+    """A window: tiles wholly inside it take the kernel, tiles it cuts the masked formula."""
+    with _Spy() as spy:
+        _compare(
+            rank,
+            world,
+            balance="contiguous",
+            length=24,
+            need_weights=False,
+            layer={"window": 12},
+        )
+    assert spy.calls["_FLASH_CPU"] > 0 and spy.calls["_tile_scores"] > 0, spy.calls
+    return spy.calls
+
+
+@case
+def chunked_tiles(rank: int, world: int) -> dict:
+    """A tiny tile budget: the masked formula in row and column chunks (mods, segments,
+    padding, weights), still exact."""
+    with _Spy(tile_elements=8) as spy:  # N * H = 8: one row of one column per chunk
+        _compare(rank, world, causal=True, length=16, mods_=_mask_mod_alibi, average=False)
+        _compare(rank, world, causal=True, length=16, masks=_segments_padding)
+    with _Spy(tile_elements=40) as spy:  # five columns, one row
+        _compare(rank, world, causal=True, length=19, layer={"window": 3})
+    with _Spy(tile_elements=8 * 30) as spy:  # several rows of whole runs
+        _compare(rank, world, length=19, layer={"softcap": 1.5, "sinks": True})
+    assert spy.calls["_FLASH_CPU"] == 0, spy.calls
+    return spy.calls
+
+
 @case
 def bytes_and_overlap(rank: int, world: int) -> dict:
     """Counted bytes equal ring_bytes' formula; each hop is posted before its block's compute."""

@@ -39,10 +39,11 @@ from torch.autograd.function import once_differentiable
 
 from .. import mods
 from ..layer import MultiheadAttention, _bias_like
-from ..logits import attention_logits, summed_over_groups, weighted_values
+from ..logits import attention_logits, scale, summed_over_groups, weighted_values
 from ..masks import position_mask
 from ..projection import merge_heads
 from ..rotary import apply_rotary, rotary_cos_sin
+from ..tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD
 from ..validation import describe, invalid
 
 __all__ = [
@@ -540,6 +541,89 @@ def _merge(acc: tuple[Tensor, Tensor] | None, part: tuple[Tensor, Tensor]):
     return o1 * (w1 / safe)[..., None] + o2 * (w2 / safe)[..., None], lse
 
 
+def _merge_into(out: Tensor, lse: Tensor, part: tuple[Tensor, Tensor]) -> None:
+    """:func:`_merge` of ``(out, lse)`` and ``part``, written into ``out`` and ``lse`` (views
+    of the running result; no autograd)."""
+    o2, l2 = part
+    top = torch.maximum(lse, l2)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    w1, w2 = torch.exp(lse - top), torch.exp(l2 - top)
+    total = w1 + w2
+    ok = total > 0
+    safe = torch.where(ok, total, 1.0)
+    out.mul_((w1 / safe)[..., None]).add_(o2 * (w2 / safe)[..., None])
+    lse.copy_(torch.where(ok, top + torch.log(safe), float("-inf")))
+
+
+# Largest score tile (N * H * rows * cols elements) the masked-formula route computes at
+# once: longer runs are cut into row (and, for very long key runs, column) chunks, so that
+# its temporaries stay a few MiB whatever the sequence length.
+_TILE_ELEMENTS = 1 << 18
+
+
+def _flash_ok(spec: _Spec, q: Tensor, v: Tensor) -> bool:
+    """Whether tiles of this call may go through SDPA's CPU flash kernel: nothing but
+    positions (causality, a window) constrains a score, and nothing changes one."""
+    return (
+        _FLASH_CPU is not None
+        and _FLASH_CPU_BACKWARD is not None
+        and q.device.type == "cpu"
+        and q.shape[-1] > 0
+        and v.shape[-1] == q.shape[-1]
+        and spec.softcap is None
+        and spec.score_mod is None
+        and spec.mask_mod is None
+        and spec.segments is None
+        and spec.padding is None
+    )
+
+
+def _plain(spec: _Spec, qa: int, qn: int, ka: int, kn: int) -> bool | None:
+    """For a tile not hidden, of a call where only positions constrain: False when every
+    query sees every key, True when it is a diagonal tile under plain causality (the
+    kernel's top-left ``is_causal``), None when a window cuts through it."""
+    q_first, q_last, k_first, k_last = qa, qa + qn - 1, ka, ka + kn - 1
+    w = spec.window
+    if spec.causal:
+        if w is not None and q_last - k_first >= w:
+            return None
+        if k_last <= q_first:
+            return False
+        return True if (qa == ka and qn == kn) else None
+    if w is not None and (q_last - k_first >= w or k_last - q_first >= w):
+        return None
+    return False
+
+
+def _repeat_heads(x: Tensor, heads: int) -> Tensor:
+    """``(N, Hkv, S, D)`` -> ``(N, H, S, D)``, each key/value head for its G query heads."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _fold_heads(x: Tensor, kv_heads: int) -> Tensor:
+    """``(N, H, S, D)`` gradients of repeated heads -> ``(N, Hkv, S, D)``, summed per group."""
+    n, h, s, d = x.shape
+    return x if h == kv_heads else x.view(n, kv_heads, h // kv_heads, s, d).sum(dim=2)
+
+
+def _chunks(spec: _Spec, qa: int, qn: int, ka: int, kn: int, step: tuple):
+    """Row and column chunks ``(r0, r1, c0, c1)`` (local to the tile) of at most
+    ``_TILE_ELEMENTS`` scores, skipping those hidden by positions."""
+    rows, cols = step
+    for r0 in range(0, qn, rows):
+        r1 = min(qn, r0 + rows)
+        for c0 in range(0, kn, cols):
+            c1 = min(kn, c0 + cols)
+            if not _hidden(spec, qa + r0, r1 - r0, ka + c0, c1 - c0):
+                yield r0, r1, c0, c1
+
+
+def _steps(width: int, longest: int) -> tuple[int, int]:
+    """``(rows, cols)`` per chunk for ``width = N * H`` and key runs up to ``longest``."""
+    cols = max(1, min(longest, _TILE_ELEMENTS // max(width, 1)))
+    return max(1, _TILE_ELEMENTS // max(width * cols, 1)), cols
+
+
 def _block(
     spec: _Spec,
     q: Tensor,
@@ -550,36 +634,82 @@ def _block(
     k_seg: Tensor | None,
     k_pad: Tensor | None,
     keep_scores: bool,
+    into: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """This rank's queries ``(N, H, Lp, D)`` against one block of keys: ``(out, lse)``, and
     with ``keep_scores`` the masked scores ``(N, H, Lp, C)`` (-inf where hidden). Tiles of
-    runs hidden by positions are skipped. Under autograd when the caller is."""
+    runs hidden by positions are skipped; tiles only positions constrain go through the CPU
+    flash kernel (no grad, no weights asked); the others are computed by the masked formula
+    in chunks of at most ``_TILE_ELEMENTS`` scores. Under autograd when the caller is.
+
+    ``into``: a running ``(out, lse)`` over earlier blocks, merged with this block in place
+    (no autograd) and returned."""
     n, h, rows, _ = q.shape
-    out = q.new_zeros(n, h, rows, v.shape[-1])
-    lse = q.new_full((n, h, rows), float("-inf"))
+    if into is None:
+        out = q.new_zeros(n, h, rows, v.shape[-1])
+        lse = q.new_full((n, h, rows), float("-inf"))
+    else:
+        out, lse = into
     scores = q.new_full((n, h, rows, k.shape[2]), float("-inf")) if keep_scores else None
+    flash = not keep_scores and not torch.is_grad_enabled() and _flash_ok(spec, q, v)
+    kf = vf = None
     q_seg = spec.segments
+    step = _steps(n * h, max((kn for _, _, kn in k_runs), default=1))
     for qo, qa, qn in q_runs:
-        acc = None
+        whole = None  # the flash tiles' partial over all qn rows
+        chunked: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}  # (r0, r1) -> partial
         for ko, ka, kn in k_runs:
             if _hidden(spec, qa, qn, ka, kn):
                 continue
-            s = _tile_scores(
-                spec,
-                q[:, :, qo : qo + qn],
-                k[:, :, ko : ko + kn],
-                qa,
-                ka,
-                None if q_seg is None else q_seg[:, qo : qo + qn],
-                None if k_seg is None else k_seg[:, ko : ko + kn],
-                None if k_pad is None else k_pad[:, ko : ko + kn],
-            )
-            acc = _merge(acc, _partial(s, v[:, :, ko : ko + kn]))
-            if scores is not None:
-                scores[:, :, qo : qo + qn, ko : ko + kn] = s
-        if acc is not None:
-            out[:, :, qo : qo + qn] = acc[0]
-            lse[:, :, qo : qo + qn] = acc[1]
+            causal = _plain(spec, qa, qn, ka, kn) if flash else None
+            if causal is not None:
+                if kf is None:
+                    kf, vf = _repeat_heads(k, h), _repeat_heads(v, h)
+                o, s = _FLASH_CPU(
+                    q[:, :, qo : qo + qn],
+                    kf[:, :, ko : ko + kn],
+                    vf[:, :, ko : ko + kn],
+                    0.0,
+                    causal,
+                    scale=scale(q.shape[-1]),
+                )[:2]
+                whole = _merge(whole, (o, s))
+                continue
+            for r0, r1, c0, c1 in _chunks(spec, qa, qn, ka, kn, step):
+                r, c = slice(qo + r0, qo + r1), slice(ko + c0, ko + c1)
+                s = _tile_scores(
+                    spec,
+                    q[:, :, r],
+                    k[:, :, c],
+                    qa + r0,
+                    ka + c0,
+                    None if q_seg is None else q_seg[:, r],
+                    None if k_seg is None else k_seg[:, c],
+                    None if k_pad is None else k_pad[:, c],
+                )
+                chunked[r0, r1] = _merge(chunked.get((r0, r1)), _partial(s, v[:, :, c]))
+                if scores is not None:
+                    scores[:, :, r, c] = s
+                del s
+        if chunked:
+            outs, lses = [], []
+            for r0 in range(0, qn, step[0]):
+                r1 = min(qn, r0 + step[0])
+                part = chunked.get((r0, r1))
+                if part is None:
+                    part = (
+                        q.new_zeros(n, h, r1 - r0, v.shape[-1]),
+                        q.new_full((n, h, r1 - r0), float("-inf")),
+                    )
+                outs.append(part[0])
+                lses.append(part[1])
+            whole = _merge(whole, (torch.cat(outs, dim=2), torch.cat(lses, dim=2)))
+        if whole is not None and into is not None:
+            _merge_into(out[:, :, qo : qo + qn], lse[:, :, qo : qo + qn], whole)
+        elif whole is not None:
+            out[:, :, qo : qo + qn] = whole[0]
+            lse[:, :, qo : qo + qn] = whole[1]
+        del whole, chunked
     return out, lse, scores
 
 
@@ -593,64 +723,132 @@ def _scores_like(a: Tensor, b: Tensor) -> Tensor:
     return torch.matmul(grouped, b.transpose(-2, -1)).view(n, h, rows, b.shape[2])
 
 
-def _block_backward(spec, q, q_runs, k, v, k_runs, k_seg, k_pad, dout, delta, lse):
-    """Gradients of this rank's loss with respect to q, one key block's k and v, and the
-    tensors score_mod holds, from the saved log-sum-exp (flash attention's backward)."""
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+@dataclass
+class _FlashGrad:
+    """What the flash backward of a block needs of this rank's queries: q, dO and the final
+    output, and the final log-sum-exp. With ``dlse`` (a gradient reaching the ring's lse,
+    from sinks) one more head column carries it: q and k get a zero column, v a zero, dO a
+    one and the output ``-dlse``, so that the kernel's ``rowsum(dO * O)`` is ``delta``
+    (``rowsum(dO * O) - dlse``) and every other product is unchanged."""
+
+    q: Tensor
+    dout: Tensor
+    out: Tensor
+    lse: Tensor
+    softmax_scale: float
+    extra: bool
+
+    @classmethod
+    def make(cls, q: Tensor, dout: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None):
+        extra = dlse is not None and bool((dlse != 0).any())
+        if extra:
+            q = F.pad(q, (0, 1))
+            dout = F.pad(dout, (0, 1), value=1.0)
+            out = torch.cat([out, -dlse.to(out.dtype)[..., None]], dim=-1)
+        return cls(q, dout, out, lse, scale(q.shape[-1] - extra), extra)
+
+    def keys(self, x: Tensor, heads: int) -> Tensor:
+        return _repeat_heads(F.pad(x, (0, 1)) if self.extra else x, heads)
+
+
+def _block_backward(
+    spec, q, q_runs, k, v, k_runs, k_seg, k_pad, dout, delta, lse, flash, dq, dk, dv
+):
+    """Gradients of this rank's loss with respect to q, one key block's k and v (added into
+    ``dq``, ``dk``, ``dv``), and the tensors score_mod holds (returned), from the saved
+    log-sum-exp (flash attention's backward; through the CPU flash kernel's backward, given
+    ``flash`` (:class:`_FlashGrad`), for the tiles only positions constrain)."""
+    n, h = q.shape[:2]
     dextras: list[Tensor | None] = [None] * len(spec.extras)
+    kf = vf = None
+    d = q.shape[-1]
     q_seg = spec.segments
+    step = _steps(n * h, max((kn for _, _, kn in k_runs), default=1))
     for qo, qa, qn in q_runs:
-        rows = slice(qo, qo + qn)
         for ko, ka, kn in k_runs:
             if _hidden(spec, qa, qn, ka, kn):
                 continue
-            cols = slice(ko, ko + kn)
-            with torch.enable_grad():
-                q_t = q[:, :, rows].detach().requires_grad_()
-                k_t = k[:, :, cols].detach().requires_grad_()
-                s = _tile_scores(
-                    spec,
-                    q_t,
-                    k_t,
-                    qa,
-                    ka,
-                    None if q_seg is None else q_seg[:, rows],
-                    None if k_seg is None else k_seg[:, cols],
-                    None if k_pad is None else k_pad[:, cols],
+            causal = None if flash is None else _plain(spec, qa, qn, ka, kn)
+            if causal is not None:
+                if kf is None:
+                    kf, vf = flash.keys(k, h), flash.keys(v, h)
+                rows, cols = slice(qo, qo + qn), slice(ko, ko + kn)
+                g_q, g_k, g_v = _FLASH_CPU_BACKWARD(
+                    flash.dout[:, :, rows],
+                    flash.q[:, :, rows],
+                    kf[:, :, cols],
+                    vf[:, :, cols],
+                    flash.out[:, :, rows],
+                    flash.lse[:, :, rows],
+                    0.0,
+                    causal,
+                    scale=flash.softmax_scale,
                 )
-            p = torch.exp(s.detach() - lse[:, :, rows, None])  # 0 where hidden
-            do = dout[:, :, rows]
-            dv[:, :, cols] += summed_over_groups(p, do, v.shape[1])
-            ds = p * (_scores_like(do, v[:, :, cols]) - delta[:, :, rows, None])
-            grads = torch.autograd.grad(s, [q_t, k_t, *spec.extras], ds, allow_unused=True)
-            dq[:, :, rows] += grads[0]
-            dk[:, :, cols] += grads[1]
-            for i, g in enumerate(grads[2:]):
-                if g is not None:
-                    dextras[i] = g if dextras[i] is None else dextras[i] + g
-    return dq, dk, dv, dextras
+                dq[:, :, rows] += g_q[..., :d]
+                dk[:, :, cols] += _fold_heads(g_k[..., :d], k.shape[1])
+                dv[:, :, cols] += _fold_heads(g_v[..., : v.shape[-1]], v.shape[1])
+                continue
+            for r0, r1, c0, c1 in _chunks(spec, qa, qn, ka, kn, step):
+                rows, cols = slice(qo + r0, qo + r1), slice(ko + c0, ko + c1)
+                with torch.enable_grad():
+                    q_t = q[:, :, rows].detach().requires_grad_()
+                    k_t = k[:, :, cols].detach().requires_grad_()
+                    s = _tile_scores(
+                        spec,
+                        q_t,
+                        k_t,
+                        qa + r0,
+                        ka + c0,
+                        None if q_seg is None else q_seg[:, rows],
+                        None if k_seg is None else k_seg[:, cols],
+                        None if k_pad is None else k_pad[:, cols],
+                    )
+                p = torch.exp(s.detach() - lse[:, :, rows, None])  # 0 where hidden
+                do = dout[:, :, rows]
+                dv[:, :, cols] += summed_over_groups(p, do, v.shape[1])
+                ds = p * (_scores_like(do, v[:, :, cols]) - delta[:, :, rows, None])
+                del p
+                grads = torch.autograd.grad(s, [q_t, k_t, *spec.extras], ds, allow_unused=True)
+                del s, ds
+                dq[:, :, rows] += grads[0]
+                dk[:, :, cols] += grads[1]
+                for i, g in enumerate(grads[2:]):
+                    if g is not None:
+                        dextras[i] = g if dextras[i] is None else dextras[i] + g
+                del grads
+    return dextras
 
 
 class _RingAttention(torch.autograd.Function):
     """Ring attention: ``(out, lse)`` ``(N, H, Lp, D)``, ``(N, H, Lp)`` in the work dtype for
     this rank's queries over every rank's keys. Forward: K/V (with their segment ids and
     padding) go round the ring, each hop posted before the current block is computed.
-    Backward: K/V go round again with dK / dV accumulators that end at their owners."""
+    Backward: K/V go round again with dK / dV accumulators that end at their owners.
+
+    Memory per rank stays O(L / P): the forward runs without autograd and saves q, the packed
+    K/V buffer it sends (k and v are views of it), out and lse; the K/V buffers and the three
+    dK / dV accumulators are reused round the ring, and no tile outlives its step (tiles only
+    positions constrain go through the CPU flash kernel, the others in bounded chunks)."""
 
     @staticmethod
     def forward(ctx, spec: _Spec, q: Tensor, k: Tensor, v: Tensor, *extras: Tensor):
         comm, layout, work = spec.comm, spec.layout, spec.work
         q_runs = layout.local_runs(comm.rank)
-        buffer, parts = _pack([spec.segments, spec.padding, k, v])
+        own, parts = _pack([spec.segments, spec.padding, k, v])  # saved: k, v are views
         kv_bytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-        other_bytes = buffer.numel() - kv_bytes
+        other_bytes = own.numel() - kv_bytes
         qw = q.to(work)
+        n, h, rows, _ = q.shape
+        naive = _NAIVE_LOW_PRECISION
         acc = None
+        if not naive:  # the running result, merged with each block in place
+            acc = (qw.new_zeros(n, h, rows, v.shape[-1]), qw.new_full((n, h, rows), float("-inf")))
+        buffer, spare = own, []  # the block computed now; received buffers free again
         for step in range(comm.world):
             src = (comm.rank - step) % comm.world
             works, incoming = [], None
             if step < comm.world - 1:
-                incoming = torch.empty_like(buffer)
+                incoming = spare.pop() if spare else torch.empty_like(own)
                 _event("forward", "post", step)
                 works = _exchange(buffer, incoming, comm, _KV_TAG)
                 _record("forward", kv_bytes, kv_bytes)
@@ -667,28 +865,33 @@ class _RingAttention(torch.autograd.Function):
                 seg,
                 pad,
                 spec.scores is not None,
+                into=None if naive else acc,
             )
             if spec.scores is not None:
                 spec.scores[src] = scores
-            if _NAIVE_LOW_PRECISION:
-                out, lse = out.to(q.dtype), lse.to(q.dtype)
-            acc = _merge(acc, (out, lse))
+            if naive:
+                acc = _merge(acc, (out.to(q.dtype), lse.to(q.dtype)))
+            del out, lse, scores, seg, pad, kb, vb
             for work_item in works:
                 work_item.wait()
             if works:
                 _event("forward", "wait", step)
+                if buffer is not own:
+                    spare.append(buffer)
                 buffer = incoming
+        del buffer, spare
         acc = (acc[0].to(work), acc[1].to(work))
-        ctx.spec = spec
-        ctx.save_for_backward(q, k, v, *acc)
+        ctx.spec, ctx.parts, ctx.kv_dtypes = spec, parts, (k.dtype, v.dtype)
+        ctx.save_for_backward(q, own, *acc)
         return acc
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout: Tensor | None, dlse: Tensor | None):
-        spec = ctx.spec
+        spec, parts = ctx.spec, ctx.parts
         comm, layout, work = spec.comm, spec.layout, spec.work
-        q, k, v, out, lse = ctx.saved_tensors
+        q, own, out, lse = ctx.saved_tensors
+        _, _, k, v = _unpack(own, parts)
         dout = torch.zeros_like(out) if dout is None else dout.to(work)
         delta = (dout * out).sum(dim=-1)
         if dlse is not None:
@@ -696,25 +899,31 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.where(torch.isfinite(lse), lse, 0.0)
         q_runs = layout.local_runs(comm.rank)
         qw = q.to(work)
+        flash = _FlashGrad.make(qw, dout, out, lse, dlse) if _flash_ok(spec, qw, v) else None
         dq = torch.zeros_like(qw)
         dextras: list[Tensor | None] = [None] * len(spec.extras)
-        buffer, parts = _pack([spec.segments, spec.padding, k, v])
         kv_bytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-        other_bytes = buffer.numel() - kv_bytes
+        other_bytes = own.numel() - kv_bytes
+        # dK / dV accumulators (2, N, Hkv, Lp, D): the one this block adds into, the one in
+        # flight to the next rank, the one arriving from the previous; reused round the ring.
+        shape = (2, *k.shape)
+        contribution = torch.zeros(shape, dtype=work, device=q.device)
         grad_works: list = []
         grads = sending = None
+        free: list[Tensor] = []
+        buffer, spare = own, []
         for step in range(comm.world):
             src = (comm.rank - step) % comm.world
             works, incoming = [], None
             if step < comm.world - 1:
-                incoming = torch.empty_like(buffer)
+                incoming = spare.pop() if spare else torch.empty_like(own)
                 _event("backward", "post", step)
                 works = _exchange(buffer, incoming, comm, _KV_TAG)
                 _record("backward", kv_bytes, kv_bytes)
                 _record("other", other_bytes, other_bytes)
             _event("backward", "compute", step)
             seg, pad, kb, vb = _unpack(buffer, parts)
-            dq_b, dk_b, dv_b, dex_b = _block_backward(
+            dex_b = _block_backward(
                 spec,
                 qw,
                 q_runs,
@@ -726,35 +935,48 @@ class _RingAttention(torch.autograd.Function):
                 dout,
                 delta,
                 lse,
+                flash,
+                dq,
+                contribution[0],
+                contribution[1],
             )
-            dq += dq_b
+            del seg, pad, kb, vb
             for i, g in enumerate(dex_b):
                 if g is not None:
                     dextras[i] = g if dextras[i] is None else dextras[i] + g
-            contribution = torch.stack([dk_b, dv_b])  # (2, N, Hkv, Lp, D), the block's
             if step > 0:  # the accumulator this block brought from the previous rank
                 for work_item in grad_works:
                     work_item.wait()
-                contribution = contribution + grads
+                contribution += grads
+                free += [grads, sending]
             if comm.world > 1:
-                sending, grads = contribution, torch.empty_like(contribution)
+                sending, grads = (
+                    contribution,
+                    free.pop() if free else torch.empty(shape, dtype=work, device=q.device),
+                )
                 grad_works = _exchange(sending, grads, comm, _GRAD_TAG)
                 size = sending.numel() * sending.element_size()
                 _record("backward", size, size)
+                if step < comm.world - 1:
+                    contribution = free.pop().zero_() if free else torch.zeros_like(sending)
             else:
                 grads = contribution
             for work_item in works:
                 work_item.wait()
             if works:
+                if buffer is not own:
+                    spare.append(buffer)
                 buffer = incoming
+        del buffer, spare, free
         for work_item in grad_works:  # the last hop brings each rank its own dK / dV
             work_item.wait()
         del sending
+        k_dtype, v_dtype = ctx.kv_dtypes
         return (
             None,
             dq.to(q.dtype),
-            grads[0].to(k.dtype),
-            grads[1].to(v.dtype),
+            grads[0].to(k_dtype),
+            grads[1].to(v_dtype),
             *dextras,
         )
 
