@@ -84,6 +84,26 @@ def test_stack_weights_takes_a_list_of_layers_and_arrays():
     assert view.stack_weights(array).shape == (1, 2, 3, 4)
 
 
+def test_numpy_arrays_of_any_strides_and_byte_order():
+    w = softmax(2, 5, 5).double().numpy()
+    expected = view.stack_weights(w.copy())
+    # torch.from_numpy refuses both of these; the viewer copies them first.
+    torch.testing.assert_close(view.stack_weights(w[:, ::-1]), expected.flip(-2))
+    torch.testing.assert_close(view.stack_weights(w.astype(">f8")), expected)
+    torch.testing.assert_close(view.stack_weights(w.astype(np.longdouble)), expected)
+    with pytest.raises(TypeError, match=r"`weights`: expected an array of numbers.*object"):
+        view.stack_weights(w.astype(object))
+
+
+def test_3d_and_4d_batches_are_read_by_rank_as_documented():
+    """The shapes are ambiguous: a batch of N > 1 is read as N heads (3-D) or N layers (4-D)."""
+    assert view.stack_weights(softmax(2, 5, 5)).shape == (1, 2, 5, 5)  # (N, L, S): N heads
+    assert view.stack_weights(softmax(2, 4, 5, 5)).shape == (2, 4, 5, 5)  # (N, H, L, S): N layers
+    doc = " ".join(view.stack_weights.__doc__.split())
+    assert "a 3-D tensor is always ``(H, L, S)`` and a 4-D one always ``(layers, H, L, S)``" in doc
+    assert "batch of more than one sequence" not in " ".join(view.save_html.__doc__.split())
+
+
 def test_what_the_layer_returns_goes_in_as_it_is(tmp_path):
     torch.manual_seed(0)
     layer = MultiheadAttention(16, 4, batch_first=True)
@@ -114,6 +134,10 @@ def test_what_the_layer_returns_goes_in_as_it_is(tmp_path):
         (torch.rand(2, 2, 3, 4, 4), r"`weights`: .*batch dimension holds 2 items"),
         (torch.rand(0, 4), r"`weights`: expected at least one layer, head, query and key"),
         (-softmax(3, 3), r"`weights`: expected attention weights \(>= 0"),
+        (
+            torch.tensor([[0.5, 0.5, -torch.inf]] * 3),
+            r"`weights`: expected attention weights \(>= 0.*Received: -inf",
+        ),
         ([], r"`weights`: expected .*Received: an empty list"),
         ([torch.rand(2, 3, 3), torch.rand(2, 4, 4)], r"`weights\[1\]`: expected the \(H, L, S\)"),
         ([torch.rand(2, 2, 3, 3)], r"`weights\[0\]`: expected one layer's .*shape \(2, 2, 3, 3\)"),
@@ -156,6 +180,39 @@ def test_bad_labels_and_masks_name_the_argument(kwargs, error, message):
     arguments = {"tokens": words(3), **kwargs}
     with pytest.raises(error, match=message):
         view.to_html(softmax(2, 3, 3), arguments.pop("tokens"), **arguments)
+
+
+@pytest.mark.parametrize("where", ["tokens", "key_tokens", "title"])
+def test_a_lone_surrogate_is_refused_before_writing(where, tmp_path):
+    arguments = {"tokens": words(3), "key_tokens": words(3), "title": "t"}
+    if where == "title":
+        arguments["title"] = "bad \ud800"
+    else:
+        arguments[where] = ["a", "\ud800", "c"]
+    name = "title" if where == "title" else f"{where}\\[1\\]"
+    with pytest.raises(ValueError, match=rf"`{name}`: expected text that UTF-8 can encode"):
+        view.save_html(softmax(3, 3), arguments.pop("tokens"), tmp_path / "x.html", **arguments)
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_the_layers_float_padding_mask_is_accepted():
+    """An additive key_padding_mask: -inf is padding, 0 is not; anything else is refused."""
+    torch.manual_seed(0)
+    layer = MultiheadAttention(8, 2, batch_first=True)
+    x = torch.rand(1, 4, 8)
+    mask = torch.tensor([[0.0, 0.0, 0.0, -torch.inf]])
+    _, w = layer(x, x, x, key_padding_mask=mask, average_attn_weights=False)
+    data = payload(view.to_html(w, words(4), padding=mask))
+    assert data["keyPad"] == [False, False, False, True] == data["queryPad"]
+    cross = payload(
+        view.to_html(softmax(2, 4), ["a", "b"], key_tokens=words(4), query_padding=[-np.inf, 0])
+    )
+    assert cross["queryPad"] == [True, False]
+    for bad in ([0.0, 1.0, 0.0, 0.0], [0.0, -1e9, 0.0, 0.0], [0.0, np.nan, 0.0, 0.0]):
+        with pytest.raises(
+            TypeError, match=r"`padding`: .*float mask of 0 and -inf.*Received: dtype"
+        ):
+            view.to_html(w, words(4), padding=bad)
 
 
 def test_cross_attention_without_key_tokens_names_them():
@@ -202,6 +259,37 @@ def test_tokens_and_title_cannot_break_out_of_the_page():
     data = payload(text)
     assert data["queries"] == hostile and data["keys"] == hostile
     assert data["title"] == "<b>bold</b> & </title>"
+
+
+@pytest.mark.parametrize("marker", ["__JS__", "__CSS__", "__DATA__", "__TITLE__", "__VIRIDIS__"])
+def test_a_title_holding_a_placeholder_is_kept_as_it_is(marker):
+    title = f"x {marker} y"
+    text = view.to_html(softmax(3, 3), words(3), title=title)
+    assert f"<title>x {marker} y</title>" in text
+    assert payload(text)["title"] == title
+    assert text.count("<script") == 2 and text.count("</script>") == 2
+    assert text.count('"use strict"') == 1  # the script went in once, in its own place
+
+
+def test_infinite_weights_are_listed_apart_from_nan():
+    w = softmax(2, 3, 3)
+    w[0, 1, 1] = torch.inf
+    w[1, 2, 0] = torch.nan
+    data = payload(view.to_html(w, words(3)))
+    assert data["infinite"] == [0 * 9 + 1 * 3 + 1]
+    assert levels(data)[0, 1, 2, 0] == view.NOT_FINITE == levels(data)[0, 0, 1, 1]
+    assert data["scales"][0] == pytest.approx(float(w[0][torch.isfinite(w[0])].max()), rel=1e-5)
+
+
+def test_size_is_at_most_the_ceiling_the_readme_states():
+    """Weights that do not compress: 4/3 * layers * H * L * S bytes, plus about 30 kB of page
+    and about 25 bytes a token (its label and padding flag)."""
+    generator = torch.Generator().manual_seed(0)
+    w = torch.rand(1, 2, 256, 256, generator=generator)  # uniform levels: incompressible
+    size = len(view.to_html(w, words(256)).encode())
+    ceiling = 4 / 3 * w.numel()
+    print(f"incompressible 2 x 256 x 256: {size} bytes, ceiling {ceiling:.0f} + 30 kB")
+    assert 0.95 * ceiling < size < ceiling + 30_000 + 25 * (256 + 256)  # page, tokens, flags
 
 
 def test_padding_greys_keys_and_in_self_attention_queries():

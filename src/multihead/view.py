@@ -10,9 +10,17 @@ browser. Three views:
 - Head view: queries on the left, keys on the right, a line from each query to each key whose
   opacity is the weight, one colour per head; pick the layer, toggle heads on and off, hover a
   token to see only its lines. Drawn on a canvas; shown up to :data:`HEAD_VIEW_MAX` tokens, past
-  which lines are unreadable and only the grid and model views are offered.
+  which lines are unreadable and only the grid and model views are offered. One drawing holds
+  at most :data:`LINE_BUDGET` lines, the strongest (a software-rendered browser draws about
+  30,000 long lines a second), and the page says how many it drew of how many: 12 heads of 256
+  flat weights would be 786,432 lines, each one nearly transparent; hovering a token draws
+  all of its lines.
 - Grid view: one head as a heatmap (rows are queries, columns keys) with token labels on both
-  axes, a colour bar with its values, and the weight under the cursor.
+  axes, a colour bar with its values, and the weight under the cursor to 3 significant digits,
+  with the precision it is stored to (half a level: ``max / 508``). NaN and infinite weights
+  are mid-grey cells (crossed in white when big enough), read "NaN" or "+inf" under the
+  cursor; labels too long for their margin are cut with an ellipsis, the whole token shown
+  under the cursor and as a tooltip.
 - Model view: a thumbnail of every layer x head; a click opens that head in the grid view.
 
 Arrow keys move between heads (left, right) and layers (up, down); Enter in the model view
@@ -20,10 +28,13 @@ opens the highlighted head. Colours come from viridis (perceptually uniform, rea
 colour-blindness), each head's map spanning 0 to that head's largest weight; the colour bar
 states the values. Padding tokens are grey.
 
-Size: each head's weights are stored as uint8 levels of that head's largest weight
+Size: each head's weights are stored as uint8 levels of that head's largest finite weight
 (``round(w / max * 254)``, so the error is at most ``max / 508``; 255 marks a NaN or infinite
-weight), zlib-compressed and base64-encoded; the browser unpacks them with
-``DecompressionStream``. MiniLM's six layers of 12 heads on a 64-token sentence take 200 kB.
+weight, the +inf ones listed apart), zlib-compressed and base64-encoded; the browser unpacks
+them with ``DecompressionStream``. MiniLM's six layers of 12 heads on a 64-token sentence take
+200 kB. Weights that do not compress (many keys of similar weight) approach the ceiling of
+``4/3 * layers * H * L * S`` bytes plus about 30 kB and the tokens: 25 MB for 6 x 12 heads of 512
+tokens (softmax(randn * 0.3) weights make 20 MB, softmax(randn * 3) 3.4 MB).
 
 ``python -m multihead view "some text" [--pair "second text"] [--out attention.html]`` writes
 the viewer for all-MiniLM-L6-v2's six layers (needs the ``models`` extra).
@@ -36,6 +47,7 @@ import base64
 import html
 import importlib.util
 import json
+import re
 import sys
 import tempfile
 import zlib
@@ -46,7 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HEAD_VIEW_MAX", "save_html", "stack_weights", "to_html"]
+__all__ = ["HEAD_VIEW_MAX", "LINE_BUDGET", "save_html", "stack_weights", "to_html"]
 
 # Quantisation: weights are stored as round(w / head_max * LEVELS); NOT_FINITE marks NaN / inf.
 LEVELS = 254
@@ -54,6 +66,9 @@ NOT_FINITE = 255
 # Beyond this many tokens on either axis the head view's lines are unreadable (and slow):
 # the file then offers the grid and model views only.
 HEAD_VIEW_MAX = 256
+# The most lines one head-view drawing holds (the strongest; the page states how many it left
+# out). Software rendering draws about 30,000 1-px lines of 256 tokens a second.
+LINE_BUDGET = 20_000
 _SHAPES = (
     "(L, S), (1, L, S), (H, L, S), (1, H, L, S), (layers, H, L, S), (layers, 1, H, L, S), "
     "or a list of per-layer (H, L, S) / (1, H, L, S) tensors"
@@ -78,6 +93,15 @@ def _tensor(name: str, value: Any) -> Tensor:
                 f"Invalid argument `{name}`: expected a tensor (or NumPy array) of attention "
                 f"weights. Received: {type(value).__name__}."
             )
+        if value.dtype.kind not in "biufc":
+            raise TypeError(
+                f"Invalid argument `{name}`: expected an array of numbers. Received: dtype "
+                f"{value.dtype}."
+            )
+        if value.dtype.kind == "f" and value.dtype.itemsize > 8:  # long double: no torch dtype
+            value = value.astype(np.float64)
+        # torch takes neither negative strides nor a byte order other than the machine's.
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
         value = torch.from_numpy(value)
     if value.is_complex():
         raise TypeError(
@@ -125,14 +149,21 @@ def stack_weights(weights: Any) -> Tensor:
             - a list or tuple of per-layer ``(H, L, S)`` or ``(1, H, L, S)`` tensors (each
               layer's ``layer(x, x, x, average_attn_weights=False)[1]``).
 
-            NumPy arrays work too. A 3-D tensor is read as heads: a batch's averaged
-            ``(N, L, S)`` weights would be taken for N heads, so pass one item (``weights[i]``).
+            NumPy arrays work too (any strides and byte order).
+
+            The rank alone decides how a tensor is read, since the shapes are ambiguous: a
+            3-D tensor is always ``(H, L, S)`` and a 4-D one always ``(layers, H, L, S)``.
+            So a batch of N > 1 sequences is not refused but misread: averaged ``(N, L, S)``
+            weights are shown as N heads, per-head ``(N, H, L, S)`` weights as N layers. Pass
+            one sequence: ``weights[i]``. Only a 5-D stack's batch dimension is checked.
 
     Raises:
-        TypeError: ``weights`` is not a tensor, an array or a list of them, or is complex.
-        ValueError: another rank, a batch of more than one sequence, an empty dimension,
-            layers of different shapes, or a negative weight (the message names the argument,
-            ``weights`` or ``weights[k]``, with the shape expected and the one received).
+        TypeError: ``weights`` is not a tensor, an array of numbers or a list of them, or is
+            complex.
+        ValueError: another rank, a 5-D stack whose batch holds more than one sequence, an
+            empty dimension, layers of different shapes, or a negative weight (-inf included;
+            NaN and +inf are kept and shown as not finite). The message names the argument,
+            ``weights`` or ``weights[k]``, with what was expected and what was received.
     """
     if isinstance(weights, (list, tuple)):
         if not weights:
@@ -171,6 +202,11 @@ def stack_weights(weights: Any) -> Tensor:
             f"Received: (layers, H, L, S) = {tuple(w.shape)}."
         )
     finite = w[torch.isfinite(w)]
+    if bool((w == float("-inf")).any()):
+        raise ValueError(
+            "Invalid argument `weights`: expected attention weights (>= 0: the softmax "
+            "output, not the scores). Received: -inf."
+        )
     if finite.numel() and float(finite.min()) < 0:
         raise ValueError(
             "Invalid argument `weights`: expected attention weights (>= 0: the softmax "
@@ -197,25 +233,55 @@ def _labels(name: str, labels: Any, size: int, axis: str) -> list[str]:
             f"Invalid argument `{name}`: expected {size} tokens, one per {axis} of `weights`. "
             f"Received: {len(labels)} tokens."
         )
+    for k, label in enumerate(labels):
+        _encodable(f"{name}[{k}]", label)
     return labels
 
 
+def _encodable(name: str, text: str) -> None:
+    """A ValueError naming ``name`` when ``text`` cannot be written as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"Invalid argument `{name}`: expected text that UTF-8 can encode. Received: "
+            f"{text!r}, with the lone surrogate {text[error.start]!r} (from decoding bytes "
+            "with errors='surrogateescape'?)."
+        ) from None
+
+
 def _mask(name: str, mask: Any, size: int, axis: str) -> list[bool]:
-    """A padding mask as ``size`` bools (True = padding)."""
+    """A padding mask as ``size`` bools (True = padding).
+
+    Bool (True = padding), 0/1 integers, or the layer's additive float mask holding 0 (attend)
+    and -inf (padding) only: any other float is a bias, not padding, and is refused.
+    """
     if mask is None:
         return [False] * size
+    expected = (
+        "a bool mask (True = padding), 0/1 integers, or an additive float mask of 0 and -inf "
+        "(-inf = padding)"
+    )
     try:
         m = torch.as_tensor(mask).detach().cpu()
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(
-            f"Invalid argument `{name}`: expected a bool mask (True = padding) of {size} "
-            f"{axis}s. Received: {type(mask).__name__}."
+            f"Invalid argument `{name}`: expected {expected}, for {size} {axis}s. Received: "
+            f"{type(mask).__name__}."
         ) from None
-    if m.dtype != torch.bool:
-        if m.is_floating_point() or m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+    if m.is_floating_point():
+        other = m[(m != 0) & (m != float("-inf"))]
+        if other.numel():
             raise TypeError(
-                f"Invalid argument `{name}`: expected a bool mask (True = padding, or 0/1 "
-                f"integers). Received: dtype {m.dtype}."
+                f"Invalid argument `{name}`: expected {expected}. Received: dtype {m.dtype} "
+                f"holding {float(other[0])!r}."
+            )
+        m = m == float("-inf")
+    elif m.dtype != torch.bool:
+        if m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
+            raise TypeError(
+                f"Invalid argument `{name}`: expected {expected}. Received: dtype {m.dtype}"
+                + ("." if m.is_complex() else " with values other than 0 and 1.")
             )
         m = m.bool()
     if tuple(m.shape) not in {(size,), (1, size)}:
@@ -257,6 +323,8 @@ def _payload(
         query_pad = [False] * query_len
     if title is not None and not isinstance(title, str):
         raise TypeError(f"Invalid argument `title`: expected a string. Received: {title!r}.")
+    if title is not None:
+        _encodable("title", title)
 
     finite = torch.isfinite(w)
     clean = torch.where(finite, w, torch.zeros((), dtype=w.dtype))
@@ -267,6 +335,8 @@ def _payload(
     stored = torch.tensor(scales, dtype=torch.float32).reshape(layers, heads, 1, 1)
     levels = torch.round(clean / stored * LEVELS).clamp(0, LEVELS).to(torch.uint8)
     levels[~finite] = NOT_FINITE
+    # NaN and +inf share the level NOT_FINITE: the +inf cells are listed (flat indices).
+    infinite = torch.nonzero(w.reshape(-1) == float("inf")).reshape(-1).tolist()
     packed = zlib.compress(levels.numpy().tobytes(), 6)
     default_title = (
         f"Attention: {layers} layer{'s' * (layers != 1)} x {heads} head{'s' * (heads != 1)}"
@@ -285,8 +355,10 @@ def _payload(
         "keyPad": key_pad,
         "levels": LEVELS,
         "notFinite": NOT_FINITE,
+        "infinite": infinite,
         "scales": scales,
         "headViewMax": HEAD_VIEW_MAX,
+        "lineBudget": LINE_BUDGET,
         "encoding": "zlib",
         "data": base64.b64encode(packed).decode("ascii"),
     }
@@ -306,9 +378,14 @@ def to_html(
     # Inside <script type="application/json"> only "</script" and "<!--" could end or alter the
     # element: "<" is written as its JSON escape, which JSON.parse reads back unchanged.
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
-    page = _TEMPLATE.replace("__TITLE__", html.escape(payload["title"]))
-    page = page.replace("__CSS__", _CSS).replace("__JS__", _JS.replace("__VIRIDIS__", _VIRIDIS))
-    return page.replace("__DATA__", data)
+    parts = {
+        "TITLE": html.escape(payload["title"]),
+        "CSS": _CSS,
+        "JS": _JS.replace("__VIRIDIS__", _VIRIDIS),
+        "DATA": data,
+    }
+    # One pass over the template: what is put in (a title holding "__JS__") is not read again.
+    return re.sub(r"__(TITLE|CSS|JS|DATA)__", lambda match: parts[match[1]], _TEMPLATE)
 
 
 def save_html(
@@ -337,22 +414,28 @@ def save_html(
             counts.
         padding: which keys are padding, as the layer's ``key_padding_mask`` for this
             sequence: a bool ``(S,)`` or ``(1, S)`` tensor, array or list (True = padding;
-            0/1 integers work). Padding tokens are drawn grey and their lines are not drawn.
+            0/1 integers work), or the layer's additive float mask of 0 and -inf (-inf =
+            padding; other values are biases, not padding, and are refused). Padding tokens
+            are drawn grey and their lines are not drawn.
             With ``key_tokens`` omitted (self-attention) the same tokens are greyed as queries.
         query_padding: for cross-attention, a bool ``(L,)`` or ``(1, L)`` mask of padding
-            queries (default: none, or ``padding`` in self-attention).
+            queries, in the same forms as ``padding`` (default: none, or ``padding`` in
+            self-attention).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
-        TypeError: ``weights`` not a tensor/array (or list of them), ``tokens`` a bare string,
-            a mask that is not bool or 0/1, a ``title`` that is not a string.
-        ValueError: ``weights`` of another rank, a batch of several sequences, an empty
-            dimension or negative weights; ``tokens`` / ``key_tokens`` / ``padding`` /
-            ``query_padding`` whose length disagrees with ``weights``; cross-attention
-            weights (L != S) without ``key_tokens``. Each message names the argument, what
-            was expected and what was received.
+        TypeError: ``weights`` not a tensor/array of numbers (or list of them), ``tokens`` a
+            bare string, a mask that is not bool, 0/1 or 0/-inf, a ``title`` that is not a
+            string.
+        ValueError: ``weights`` of another rank, a 5-D stack of several sequences, an empty
+            dimension or negative weights (-inf included); ``tokens`` / ``key_tokens`` /
+            ``padding`` / ``query_padding`` whose length disagrees with ``weights``; a token
+            or title that UTF-8 cannot encode (a lone surrogate); cross-attention weights
+            (L != S) without ``key_tokens``. Each message names the argument, what was
+            expected and what was received. A 3-D or 4-D batch of several sequences is not
+            detected: see :func:`stack_weights`.
         OSError: the file cannot be written.
     """
     text = to_html(
@@ -538,7 +621,7 @@ script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:">
 <main>
 <section id="head-view" hidden>
 <p class="hint">Left: queries, right: keys. A line's opacity is the weight, its colour the head.
-Hover a token to see only its lines.</p>
+Hover a token to see only its lines. <span id="hv-note"></span></p>
 <div class="hv"><div class="col left" id="hv-queries"></div><canvas id="hv-lines"></canvas>\
 <div class="col right" id="hv-keys"></div></div>
 </section>
@@ -556,7 +639,8 @@ Click one (or Enter) to open it in the grid view.</p>
 <p id="error" role="alert" hidden></p>
 </main>
 <footer>Keys: &larr; &rarr; head, &uarr; &darr; layer, Enter opens a head (model view).
-Colours: viridis. Grey tokens are padding. Weights stored to 1/254 of each head's largest.
+Colours: viridis; light grey: padding; mid grey, crossed: NaN or infinite. Weights stored to
+1/254 of each head's largest.
 Written by multihead.view.</footer>
 <script type="application/json" id="mh-data">__DATA__</script>
 <script>__JS__</script>
@@ -607,7 +691,7 @@ select { font: inherit; }
   vertical-align: middle; margin-right: 3px; }
 #ticks .label { transform: none; top: -22px; color: #555; }
 #ticks .label::before { display: none; }
-#readout { font-variant-numeric: tabular-nums; min-height: 1.4em; }
+#readout { font-variant-numeric: tabular-nums; min-height: 1.4em; overflow-wrap: anywhere; }
 #thumbs { display: grid; gap: 4px; align-items: center; justify-content: start; }
 #thumbs .lab { font-size: 12px; color: #555; text-align: center; white-space: nowrap;
   padding-right: 4px; }
@@ -624,7 +708,9 @@ _JS = r"""
   const D = JSON.parse(document.getElementById("mh-data").textContent);
   const $ = (id) => document.getElementById(id);
   const H = D.heads, L = D.L, S = D.S, LAYERS = D.layers, LEVELS = D.levels, NF = D.notFinite;
-  const ROW = 20, LINES_WIDTH = 300, GRID_PX = 640, THUMB = 72, PAD_RGB = [214, 214, 214];
+  const ROW = 20, LINES_WIDTH = 300, GRID_PX = 640, THUMB = 72, THUMB_MIN = 8;
+  const PAD_RGB = [214, 214, 214], NF_RGB = [128, 128, 128];
+  const BUDGET = D.lineBudget, INFINITE = new Set(D.infinite);
   const HEAD_COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00",
     "#332288", "#882255", "#44aa99", "#999933", "#aa4499", "#000000"];
   const VIRIDIS = "__VIRIDIS__";
@@ -647,16 +733,38 @@ _JS = r"""
   let Q = null;  // the uint8 levels, (layers, H, L, S)
   const headViewOk = Math.max(L, S) <= D.headViewMax;
 
-  const colour = (h) => HEAD_COLOURS[h % HEAD_COLOURS.length];
+  // The first 12 heads keep the fixed palette; more heads get evenly spaced hues, alternating
+  // dark and light, so that every head has its own colour.
+  function colour(h) {
+    if (h < HEAD_COLOURS.length) return HEAD_COLOURS[h];
+    const k = h - HEAD_COLOURS.length, n = H - HEAD_COLOURS.length;
+    return `hsl(${(15 + (k * 360) / n).toFixed(2)}, 75%, ${k % 2 ? 32 : 48}%)`;
+  }
   const offset = (l, h) => (l * H + h) * L * S;
   const scale = (l, h) => D.scales[l * H + h];
   function value(l, h, i, j) {
-    const q = Q[offset(l, h) + i * S + j];
-    return q === NF ? NaN : (q * scale(l, h)) / LEVELS;
+    const k = offset(l, h) + i * S + j, q = Q[k];
+    return q !== NF ? (q * scale(l, h)) / LEVELS : INFINITE.has(k) ? Infinity : NaN;
   }
-  function fmt(v) {
-    if (!Number.isFinite(v)) return String(v);
-    return v === 0 ? "0" : String(Number(v.toPrecision(3)));
+  // `digits` significant digits, with an exponent below 0.001: 0.00312, 3.12e-5, 0.25.
+  function fmt(v, digits = 3) {
+    if (Number.isNaN(v)) return "NaN";
+    if (!Number.isFinite(v)) return v > 0 ? "+inf" : "-inf";
+    if (v === 0) return "0";
+    const a = Math.abs(v);
+    if (a < 1e-3 || a >= 1e6) return v.toExponential(digits - 1);
+    return String(Number(v.toPrecision(digits)));
+  }
+  // `text` cut to fit `width` pixels in the context's font, ending with an ellipsis if cut.
+  function fit(ctx, text, width) {
+    if (ctx.measureText(text).width <= width) return text;
+    let lo = 0, hi = text.length;
+    while (lo < hi) {
+      const mid = Math.ceil((lo + hi) / 2);
+      if (ctx.measureText(text.slice(0, mid) + "\u2026").width <= width) lo = mid;
+      else hi = mid - 1;
+    }
+    return text.slice(0, lo) + "\u2026";
   }
   function short(t) { return t.length > 24 ? t.slice(0, 23) + "\u2026" : t; }
   // The RGB of level q on a head's own scale: 0 -> viridis' first colour, LEVELS -> its last.
@@ -714,50 +822,92 @@ _JS = r"""
     }
     drawHead();
   }
+  // One drawing holds at most BUDGET lines, the most opaque: a software-rendered browser
+  // rasterises about 30,000 long lines a second, and 12 heads of 256 tokens are 786,432.
   function drawHead() {
     const canvas = $("hv-lines");
     const height = Math.max(L, S) * ROW;
     const ctx = sizeCanvas(canvas, LINES_WIDTH, height);
     ctx.clearRect(0, 0, LINES_WIDTH, height);
-    ctx.lineWidth = 1.5;
+    ctx.lineWidth = 1;  // 1 px: Skia's fast hairlines (1.5 px lines rasterise 9x slower)
     const rows = state.hoverQuery >= 0 ? [state.hoverQuery] : [...Array(L).keys()];
     const cols = state.hoverKey >= 0 ? [state.hoverKey] : [...Array(S).keys()];
-    let lines = 0, alphaSum = 0;
-    const l = state.layer;
-    for (let h = 0; h < H; h++) {
-      if (!state.active[h]) continue;
-      const base = offset(l, h), top = scale(l, h);
-      const buckets = new Map();  // level -> [i, j, i, j, ...]: one stroke per opacity
-      for (const i of rows) {
-        if (D.queryPad[i]) continue;
-        for (const j of cols) {
-          if (D.keyPad[j]) continue;
-          const q = Q[base + i * S + j];
-          if (q === 0 || q === NF) continue;
-          let list = buckets.get(q);
-          if (!list) buckets.set(q, (list = []));
-          list.push(i, j);
+    const l = state.layer, heads = [];
+    for (let h = 0; h < H; h++) if (state.active[h]) heads.push(h);
+    const each = (fn) => {
+      for (const h of heads) {
+        const base = offset(l, h);
+        for (const i of rows) {
+          if (D.queryPad[i]) continue;
+          for (const j of cols) {
+            if (D.keyPad[j]) continue;
+            const q = Q[base + i * S + j];
+            if (q !== 0 && q !== NF) fn(h * 256 + q, i, j);
+          }
         }
       }
+    };
+    // Count the lines of each (head, level): one opacity each. Keep the most opaque buckets
+    // up to the budget; a bucket kept in part keeps evenly spaced lines of it.
+    const counts = new Uint32Array(H * 256);
+    each((b) => { counts[b]++; });
+    const buckets = [];
+    let total = 0;
+    for (const h of heads) {
+      for (let q = 1; q <= LEVELS; q++) {
+        const n = counts[h * 256 + q];
+        if (n) buckets.push({ b: h * 256 + q, n, alpha: Math.min(1, (q * scale(l, h)) / LEVELS) });
+        total += n;
+      }
+    }
+    buckets.sort((x, y) => y.alpha - x.alpha || x.b - y.b);
+    const keep = new Uint32Array(H * 256), seen = new Uint32Array(H * 256), lists = new Map();
+    let room = BUDGET;
+    for (const { b, n } of buckets) {
+      keep[b] = Math.min(n, room);
+      room -= keep[b];
+      if (keep[b]) lists.set(b, []);
+    }
+    each((b, i, j) => {
+      const k = keep[b];
+      if (!k) return;
+      const n = counts[b];
+      if (k < n) {
+        const s = seen[b]++;
+        if (Math.floor(((s + 1) * k) / n) === Math.floor((s * k) / n)) return;
+      }
+      lists.get(b).push(i, j);
+    });
+    let lines = 0, alphaSum = 0, weakest = Infinity;
+    for (const h of heads) {
       ctx.strokeStyle = colour(h);
-      for (const [q, list] of buckets) {
-        const alpha = Math.min(1, (q * top) / LEVELS);
+      for (let q = 1; q <= LEVELS; q++) {
+        const list = lists.get(h * 256 + q);
+        if (!list) continue;
+        const alpha = Math.min(1, (q * scale(l, h)) / LEVELS);
         ctx.globalAlpha = alpha;
-        ctx.beginPath();
-        for (let k = 0; k < list.length; k += 2) {
-          ctx.moveTo(0, (list[k] + 0.5) * ROW);
-          ctx.lineTo(LINES_WIDTH, (list[k + 1] + 0.5) * ROW);
+        for (let start = 0; start < list.length; start += 4000) {
+          ctx.beginPath();
+          for (let k = start; k < Math.min(list.length, start + 4000); k += 2) {
+            ctx.moveTo(0, (list[k] + 0.5) * ROW);
+            ctx.lineTo(LINES_WIDTH, (list[k + 1] + 0.5) * ROW);
+          }
+          ctx.stroke();
         }
-        ctx.stroke();
         lines += list.length / 2;
         alphaSum += (alpha * list.length) / 2;
+        weakest = Math.min(weakest, alpha);
       }
     }
     ctx.globalAlpha = 1;
-    canvas.dataset.lines = lines;
-    canvas.dataset.alphaSum = alphaSum.toFixed(4);
-    canvas.dataset.layer = l;
-    canvas.dataset.heads = state.active.flatMap((on, h) => (on ? [h] : [])).join(",");
+    const count = (n) => n.toLocaleString("en");
+    $("hv-note").textContent = lines < total
+      ? `Drawn: the ${count(lines)} strongest of ${count(total)} lines (at most ` +
+        `${count(BUDGET)} at a time; the faintest drawn has opacity ${fmt(weakest)}); hover a ` +
+        "token to see all of its lines."
+      : `Drawn: all ${count(total)} line${total === 1 ? "" : "s"}.`;
+    Object.assign(canvas.dataset, { lines, total, alphaSum: alphaSum.toFixed(4), layer: l,
+      heads: heads.join(","), weakest: lines ? weakest : 0 });
   }
 
   // ----- grid view ---------------------------------------------------------------------------
@@ -777,6 +927,7 @@ _JS = r"""
       return Math.min(170, Math.ceil(w));
     };
     const x0 = widest(D.queries, step) + 10, y0 = widest(D.keys, step) + 10;
+    let positive = false, finite = false;
     const width = x0 + S * cell + 2, height = y0 + L * cell + 2;
     const ctx = sizeCanvas(canvas, width, height);
     ctx.fillStyle = "#fff";
@@ -786,7 +937,8 @@ _JS = r"""
     for (let i = 0; i < L; i++) {
       for (let j = 0; j < S; j++) {
         const q = Q[base + i * S + j], p = (i * S + j) * 4;
-        const c = D.queryPad[i] || D.keyPad[j] ? PAD_RGB : q === NF ? [255, 255, 255] : rgb(q);
+        if (q !== NF) { finite = true; if (q) positive = true; }
+        const c = D.queryPad[i] || D.keyPad[j] ? PAD_RGB : q === NF ? NF_RGB : rgb(q);
         image.data[p] = c[0]; image.data[p + 1] = c[1]; image.data[p + 2] = c[2];
         image.data[p + 3] = 255;
       }
@@ -796,13 +948,29 @@ _JS = r"""
     off.getContext("2d").putImageData(image, 0, 0);
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(off, x0, y0, S * cell, L * cell);
+    // NaN / infinite cells: mid grey, crossed in white where a cell is big enough to show it.
+    if (cell >= 5) {
+      ctx.strokeStyle = "#fff";
+      ctx.lineWidth = 1;
+      ctx.beginPath();
+      for (let i = 0; i < L; i++) {
+        for (let j = 0; j < S; j++) {
+          if (Q[base + i * S + j] !== NF || D.queryPad[i] || D.keyPad[j]) continue;
+          const x = x0 + j * cell, y = y0 + i * cell, m = Math.max(1, cell / 5);
+          ctx.moveTo(x + m, y + m); ctx.lineTo(x + cell - m, y + cell - m);
+          ctx.moveTo(x + cell - m, y + m); ctx.lineTo(x + m, y + cell - m);
+        }
+      }
+      ctx.stroke();
+    }
     // Labels: every token when cells are tall enough for the text, else every step-th.
     ctx.font = font + "px system-ui, sans-serif";
     ctx.textBaseline = "middle";
     ctx.textAlign = "right";
     for (let i = 0; i < L; i += step) {
       ctx.fillStyle = D.queryPad[i] ? "#9a9a9a" : "#1d1d1d";
-      ctx.fillText(labelText(D.queries, i, step), x0 - 5, y0 + (i + 0.5) * cell, x0 - 8);
+      ctx.fillText(fit(ctx, labelText(D.queries, i, step), x0 - 8), x0 - 5,
+        y0 + (i + 0.5) * cell);
     }
     ctx.textAlign = "left";
     for (let j = 0; j < S; j += step) {
@@ -810,23 +978,23 @@ _JS = r"""
       ctx.translate(x0 + (j + 0.5) * cell, y0 - 5);
       ctx.rotate(-Math.PI / 2);
       ctx.fillStyle = D.keyPad[j] ? "#9a9a9a" : "#1d1d1d";
-      ctx.fillText(labelText(D.keys, j, step), 0, 0, y0 - 8);
+      ctx.fillText(fit(ctx, labelText(D.keys, j, step), y0 - 8), 0, 0);
       ctx.restore();
     }
     geometry = { x0, y0, cell };
     Object.assign(canvas.dataset, { layer: l, head: h, cell, x0, y0 });
-    drawScale(scale(l, h), L * cell);
+    drawScale(scale(l, h), L * cell, positive ? "" : finite ? "all zero" : "no finite weight");
     $("grid-caption").textContent = `Layer ${l}, head ${h}: rows are queries, columns keys` +
       (step > 1 ? ` (every ${step}th token labelled; point at a cell for its tokens)` : "") + ".";
     $("cursor").hidden = true;
     $("readout").textContent = "Point at a cell to read its weight.";
     delete $("readout").dataset.value;
+    canvas.title = "";
   }
   function labelText(labels, i, step) {
-    const t = short(labels[i]);
-    return step > 1 ? i + " " + t : t;
+    return step > 1 ? i + " " + labels[i] : labels[i];
   }
-  function drawScale(top, span) {
+  function drawScale(top, span, note) {
     const height = Math.max(160, Math.min(span, 480));
     const canvas = $("scale"), ctx = sizeCanvas(canvas, 16, height);
     for (let y = 0; y < height; y++) {
@@ -845,7 +1013,7 @@ _JS = r"""
     }
     const label = document.createElement("span");
     label.className = "label";
-    label.textContent = "weight";
+    label.textContent = note ? "weight: " + note : "weight";
     ticks.appendChild(label);
     canvas.parentElement.style.marginTop = geometry.y0 + "px";
   }
@@ -853,16 +1021,25 @@ _JS = r"""
     const rect = $("grid").getBoundingClientRect(), g = geometry;
     const j = Math.floor((event.clientX - rect.left - g.x0) / g.cell);
     const i = Math.floor((event.clientY - rect.top - g.y0) / g.cell);
-    const cursor = $("cursor"), readout = $("readout");
+    const cursor = $("cursor"), readout = $("readout"), grid = $("grid");
     if (i < 0 || j < 0 || i >= L || j >= S) {
       cursor.hidden = true;
+      // Over a label: the whole token as a tooltip (labels are cut to fit).
+      grid.title = i >= 0 && i < L && j < 0 ? `query ${i}: ${D.queries[i]}`
+        : j >= 0 && j < S && i < 0 ? `key ${j}: ${D.keys[j]}` : "";
       return;
     }
-    const v = value(state.layer, state.head, i, j);
+    const l = state.layer, h = state.head, v = value(l, h, i, j);
     const pad = D.queryPad[i] || D.keyPad[j] ? " (padding)" : "";
+    // Stored as round(w / top * 254): within half a level, top / 508, of the weight.
+    const shown = fmt(v), error = fmt(scale(l, h) / (2 * LEVELS), 2);
+    const precision = Number.isFinite(v)
+      ? ` (\u00b1${error}: stored to 1/254 of this head's largest weight, ${fmt(scale(l, h))})`
+      : "";
     readout.textContent = `query ${i} \u201c${D.queries[i]}\u201d \u2192 key ${j} ` +
-      `\u201c${D.keys[j]}\u201d: ${Number.isFinite(v) ? v.toFixed(3) : "not finite"}${pad}`;
-    Object.assign(readout.dataset, { value: v, i, j });
+      `\u201c${D.keys[j]}\u201d: ${shown}${precision}${pad}`;
+    grid.title = `${D.queries[i]} \u2192 ${D.keys[j]}: ${shown}`;
+    Object.assign(readout.dataset, { value: v, shown, error, i, j });
     Object.assign(cursor.style, { left: g.x0 + j * g.cell + "px", top: g.y0 + i * g.cell + "px",
       width: g.cell + "px", height: g.cell + "px" });
     cursor.hidden = false;
@@ -904,8 +1081,8 @@ _JS = r"""
       const l = +button.dataset.layer, head = +button.dataset.head, base = offset(l, head);
       const canvas = button.firstChild;
       canvas.width = w; canvas.height = h;
-      canvas.style.width = Math.round((THUMB * S) / Math.max(L, S)) + "px";
-      canvas.style.height = Math.round((THUMB * L) / Math.max(L, S)) + "px";
+      canvas.style.width = Math.max(THUMB_MIN, Math.round((THUMB * S) / Math.max(L, S))) + "px";
+      canvas.style.height = Math.max(THUMB_MIN, Math.round((THUMB * L) / Math.max(L, S))) + "px";
       // Each pixel shows the largest weight of the cells it covers.
       const image = new ImageData(w, h);
       for (let y = 0; y < h; y++) {
@@ -981,7 +1158,9 @@ _JS = r"""
     } else if (event.key === "ArrowUp" || event.key === "ArrowDown") {
       state.layer = clamp(state.layer + (event.key === "ArrowUp" ? -1 : 1), LAYERS);
     } else if (event.key === "Enter" && state.view === "model") {
-      if (tag === "BUTTON") return;  // the focused thumbnail's own click
+      // A focused thumbnail or head button clicks itself; anything else (the "Model view"
+      // tab, focused since it was clicked) opens the highlighted head.
+      if (event.target.closest && event.target.closest(".thumb, .head")) return;
       openGrid(state.layer, state.head);
       event.preventDefault();
       return;
@@ -1029,7 +1208,10 @@ _JS = r"""
     if (Q.length !== LAYERS * H * L * S) throw new Error("the data does not match its shape");
     const t1 = performance.now();
     $("title").textContent = D.title;
-    const cross = D.cross ? `${L} queries x ${S} keys (cross-attention)` : `${L} tokens`;
+    const many = (n, one, more) => `${n} ${n === 1 ? one : more}`;
+    const cross = D.cross
+      ? `${many(L, "query", "queries")} x ${many(S, "key", "keys")} (cross-attention)`
+      : many(L, "token", "tokens");
     const pads = D.keyPad.filter(Boolean).length;
     $("summary").textContent = `${LAYERS} layer${LAYERS === 1 ? "" : "s"} x ${H} ` +
       `head${H === 1 ? "" : "s"}, ${cross}` + (pads ? `, ${pads} padding` : "") + ".";
