@@ -23,4 +23,5 @@ torch.testing.assert_close(gather_sequence(out, dim=1), reference)  # the whole,
 out.sum().backward()  # exact gradients; parameter gradients are this rank's part: sum them
 if dist.get_rank() == 0:
     print(f"{dist.get_world_size()} ranks: gathered output equals one process")
+dist.barrier()  # every rank done before the group goes away
 dist.destroy_process_group()

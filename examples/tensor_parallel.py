@@ -23,4 +23,5 @@ out.sum().backward()  # every rank's gradients are exact for its own shard
 full = full_state_dict(layer)  # the single-process state_dict, gathered on every rank
 if dist.get_rank() == 0:
     print(f"{dist.get_world_size()} ranks: output equals one process; state_dict keys {list(full)}")
+dist.barrier()  # every rank done before the group goes away
 dist.destroy_process_group()

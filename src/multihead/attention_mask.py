@@ -24,6 +24,7 @@ score transforms (:meth:`scores`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -82,9 +83,10 @@ class AttentionMask:
     # True when the mask cannot hide a query's every key (set by the builder).
     rows_keep_a_key: bool = field(default=False)
     # The sink logits (H,) and the causal flag, set only when they are a call's only
-    # constraints (no other mask, no query offset, the sink the only extra slot): a kernel
-    # may then attend over the S real keys alone and fold the sink in from the log-sum-exp
-    # (see multihead.functional._SinkFlashAttention). `user` holds them too, for every kernel.
+    # constraints (no other mask, no query offset, the sink the only extra slot). `user` is
+    # then None: the SDPA path attends over the S real keys and folds the sink in from the
+    # log-sum-exp (multihead.functional._SinkFlashAttention); every other kernel takes
+    # sink_slot_form(), the sink as a masked key slot.
     sinks: Tensor | None = None
     sinks_causal: bool = False
 
@@ -140,6 +142,31 @@ class AttentionMask:
             or mask_mod is not None
             or score_mod is not None
         )
+        if (
+            sinks is not None
+            and attn_mask is None
+            and key_padding_mask is None
+            and extra_keys == 1
+            and not tiled
+            and (not is_causal or (isinstance(query_offset, int) and query_offset == 0))
+        ):
+            # Sinks and causality alone: no mask is built here. The SDPA path folds the sink in
+            # from the real keys' log-sum-exp; any other path asks sink_slot_form() for it.
+            return cls(
+                batch,
+                heads,
+                query_len,
+                key_len,
+                1,
+                None,
+                False,
+                0,
+                softcap=softcap,
+                dtype=dtype,
+                rows_keep_a_key=True,
+                sinks=sinks,
+                sinks_causal=bool(is_causal),
+            )
         # Tiled: positions go to the mods, torch's masks alone become `user`, narrowed per
         # block once the block's constraints are added. Otherwise: one mask, SDPA's form.
         user, causal_flag = canonical_mask(
@@ -157,15 +184,6 @@ class AttentionMask:
             narrow=not tiled,
             sinks=sinks,
         )
-        sink_alone = (
-            sinks is not None
-            and attn_mask is None
-            and key_padding_mask is None
-            and extra_keys == 1
-            and not tiled
-            and (not is_causal or (isinstance(query_offset, int) and query_offset == 0))
-        )
-        sinks_causal = bool(is_causal) and sink_alone
         # Tiles are chosen on the host, from the query offset; without tiles it is in `user`.
         offset = int(query_offset) if tiled else 0
         is_causal = is_causal if tiled else causal_flag
@@ -189,11 +207,31 @@ class AttentionMask:
             softcap=softcap,
             dtype=dtype,
             rows_keep_a_key=keeps or extra_keys > 0,
-            sinks=sinks.to(dtype) if sink_alone else None,
-            sinks_causal=sinks_causal,
         )
 
     # -- what the call needs ------------------------------------------------------------
+
+    def sink_slot_form(self) -> AttentionMask:
+        """A call whose only constraints are sinks and causality (:attr:`sinks` set, no
+        ``user`` built yet) as every kernel takes it: the sink as the last key slot, its logit
+        in the additive mask, causality folded in (what :meth:`build` makes for any other
+        call with sinks). Any other mask is returned as it is."""
+        if self.sinks is None or self.user is not None:
+            return self
+        user, _ = canonical_mask(
+            key_padding_mask=None,
+            attn_mask=None,
+            is_causal=self.sinks_causal,
+            batch_size=self.batch,
+            num_heads=self.heads,
+            query_len=self.query_len,
+            key_len=self.key_len,
+            extra_keys=self.extra_keys,
+            dtype=self.dtype,
+            device=self.sinks.device,
+            sinks=self.sinks,
+        )
+        return dataclasses.replace(self, user=_four_dims(user), sinks=None, sinks_causal=False)
 
     @property
     def needs_tiles(self) -> bool:

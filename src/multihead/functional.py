@@ -190,21 +190,25 @@ def attention(
     tiled = mask_mod is not None or score_mod is not None
     folded, causal = (mask, is_causal) if tiled else _fold_causal(q, k, mask, is_causal)
     key_len = k.shape[2]
+    # Sinks with no other constraint than causality: no mask is built (AttentionMask.sinks;
+    # attention_core folds the sink in from the log-sum-exp, or builds its slot form).
+    sink_alone = sinks is not None and mask is None and not tiled
+    sinks_causal = sink_alone and causal
     if sinks is not None:
         # The sink is one more key slot (zero key, zero value) whose logit comes from the
         # mask; the causal flag (top-left over S + 1 keys) would hide it, so it joins the mask.
-        if causal and not tiled:  # (with a mask, _fold_causal has already added causality)
-            folded = causal_mask(q.shape[2], key_len, q.dtype, q.device).view(
-                1, 1, q.shape[2], key_len
-            )
+        if sink_alone:
             causal = False
-        if folded is not None:
-            folded = F.pad(folded, (0, 1))
-        folded = with_sink_logits(folded, sinks.to(q.dtype), key_len + 1)
+        else:
+            if causal and not tiled:  # (with a mask, _fold_causal has already added it)
+                folded = causal_mask(q.shape[2], key_len, q.dtype, q.device).view(
+                    1, 1, q.shape[2], key_len
+                )
+                causal = False
+            if folded is not None:
+                folded = F.pad(folded, (0, 1))
+            folded = with_sink_logits(folded, sinks.to(q.dtype), key_len + 1)
         k, v = append_zero_slot(k), append_zero_slot(v)
-    # Sinks with no other constraint than causality: the SDPA path may fold them in from the
-    # log-sum-exp of the real keys (AttentionMask.sinks).
-    sink_alone = sinks is not None and mask is None and not tiled
     constraints = AttentionMask(
         batch=q.shape[0],
         heads=q.shape[1],
@@ -219,7 +223,7 @@ def attention(
         dtype=q.dtype,
         rows_keep_a_key=(mask is None and mask_mod is None) or sinks is not None,
         sinks=sinks.to(q.dtype) if sink_alone else None,
-        sinks_causal=is_causal and sink_alone,
+        sinks_causal=sinks_causal,
     )
     out, weights = attention_core(
         q,
@@ -249,7 +253,13 @@ def attention_core(
     constraints ``mask`` describes. The one dispatch point: constraints evaluated per tile go
     to :func:`multihead.tiled.tiled_attention`; the rest to the kernel :func:`select_path`
     picks."""
-    autodiff = functional_autodiff(q, k, v, mask.user)
+    autodiff = functional_autodiff(q, k, v, mask.user, mask.sinks)
+    if mask.sinks is not None:
+        if not autodiff:
+            done = _sinks_on_flash(q, k, v, mask, dropout_p, need_weights, average_weights)
+            if done is not None:
+                return done
+        mask = mask.sink_slot_form()
     if mask.needs_tiles:
         return tiled_attention(
             q,
@@ -303,16 +313,44 @@ def attention_core(
         )
         return out, weights if need_weights else None
 
-    out = None
-    if mask.sinks is not None and dropout_p == 0.0:
-        out = _sink_flash(q, k, v, mask.sinks, mask.sinks_causal)
-    if out is None:
-        out = sdpa(q, k, v, tensor, dropout_p=dropout_p, is_causal=is_causal)
-        out = _select_empty(out, empty)
+    out = _select_empty(sdpa(q, k, v, tensor, dropout_p=dropout_p, is_causal=is_causal), empty)
     weights = None
     if path == "sdpa+averaged_weights":
         weights = averaged_attention_weights(q, k, tensor, empty, is_causal=is_causal)
     return out, weights
+
+
+def _sinks_on_flash(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: AttentionMask,
+    dropout_p: float,
+    need_weights: bool,
+    average_weights: bool,
+) -> tuple[Tensor, Tensor | None] | None:
+    """A call whose only constraints are sinks and causality (``mask.sinks``), on the
+    flash route (:func:`_sink_flash`) where :func:`select_path` picks SDPA for its slot form;
+    None otherwise (the caller then runs the slot form)."""
+    sinks = mask.sinks
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks))
+    path = select_path(
+        need_weights=need_weights,
+        average_weights=average_weights,
+        dropout_p=dropout_p,
+        needs_grad=needs_grad,
+        score_elements=q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * min(q.shape[3], 1),
+        softcap=mask.softcap is not None,
+    )
+    if path not in ("sdpa", "sdpa+averaged_weights") or dropout_p != 0.0:
+        return None
+    out = _sink_flash(q, k, v, sinks.to(q.dtype), mask.sinks_causal)
+    if out is None:
+        return None
+    if path == "sdpa":
+        return out, None
+    tensor, is_causal = mask.sink_slot_form().sdpa_args()  # the weights need the sink's column
+    return out, averaged_attention_weights(q, k, tensor, None, is_causal=is_causal)
 
 
 def explicit_attention(
