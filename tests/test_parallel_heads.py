@@ -543,6 +543,52 @@ def case_dcp_checkpoint(rank: int, world: int, base: str) -> None:
 
 
 @_case
+def case_review_refusals(rank: int, world: int, base: str) -> None:
+    # Each of these gave a silent wrong answer before (review of issue 13).
+    from multihead.parallel import context_parallel, shard_heads
+
+    ref = _layer()
+    x = torch.randn(N, L, E, dtype=torch.float64, requires_grad=True)
+    # A double backward through the sharded layer is refused (its all-reduce's backward has
+    # no derivative; it gave wrong second-order gradients).
+    sharded = _sharded(ref)
+    out, _ = sharded(x, x, x, need_weights=False)
+    (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    try:
+        grad.sum().backward()
+    except RuntimeError as error:
+        assert "once_differentiable" in str(error)
+    else:
+        raise AssertionError("a double backward through shard_heads was not refused")
+    # shard_heads and context_parallel do not combine (both orders were accepted).
+    for first, second, word in (
+        (shard_heads, context_parallel, "shard_heads"),
+        (context_parallel, shard_heads, "context_parallel"),
+    ):
+        layer = first(copy.deepcopy(ref))
+        try:
+            second(layer)
+        except ValueError as error:
+            assert "do not combine" in str(error) and word in str(error)
+        else:
+            raise AssertionError(f"{second.__name__} after {first.__name__} was accepted")
+    # A plain state_dict() is this rank's shard, tagged: another rank's shard is refused.
+    state = sharded.state_dict()
+    assert state["_extra_state"].tolist() == [rank, world]
+    shards = [None] * world
+    dist.all_gather_object(shards, state)
+    mine = _sharded(ref)
+    mine.load_state_dict(shards[rank])  # its own shard loads
+    other = shards[(rank + 1) % world]
+    try:
+        mine.load_state_dict(other)
+    except ValueError as error:
+        assert "`state_dict`" in str(error) and f"rank {rank} of {world}" in str(error)
+    else:
+        raise AssertionError("another rank's shard loaded without an error")
+
+
+@_case
 def case_groups_and_meshes(rank: int, world: int, base: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 

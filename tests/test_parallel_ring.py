@@ -283,6 +283,33 @@ def prefix_lm_relative_bias_ring(rank: int, world: int) -> dict:
     return _compare(rank, world, balance="contiguous", length=19, mods_=make)
 
 
+def _score_mods_held_indirectly() -> dict:
+    """Tensors a score_mod reaches only through functools.partial, a list in a closure, and a
+    bound method (the ring's backward gave them no gradient before; review of issue 13)."""
+    import functools
+
+    scale = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    held = [torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=torch.float64, requires_grad=True)]
+    torch.manual_seed(5)
+    bias = mods.RelativePositionBias(4, num_buckets=8, max_distance=16, dtype=torch.float64)
+
+    def scaled(score, b, h, q_idx, kv_idx, *, t):
+        return score * (1 + t) - held[0][h] * (q_idx - kv_idx).abs()
+
+    partial = functools.partial(scaled, t=scale)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return bias.forward(partial(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+
+    grads = {"scale": scale, "held": held[0], "weight": bias.weight}
+    return {"score_mod": score_mod, "_grads": grads}
+
+
+@case
+def score_mod_held_indirectly_ring(rank: int, world: int) -> dict:
+    return _compare(rank, world, causal=True, length=16, mods_=_score_mods_held_indirectly)
+
+
 @case
 def gate_head_dim_unbatched(rank: int, world: int) -> dict:
     layer = {"output_gate": True, "head_dim": 6, "rope": True}

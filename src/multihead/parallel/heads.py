@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .. import mods as _mods
 from ..layer import MultiheadAttention
@@ -409,6 +410,7 @@ class _EnterHeads(torch.autograd.Function):
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
+    @once_differentiable  # its all-reduce has no derivative: a double backward is refused
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
         info = ctx.info
         grads = [
@@ -475,6 +477,28 @@ class _HeadParallelMixin:
     """The forward of a layer sharded by :func:`shard_heads` (see the module docstring)."""
 
     head_parallel: HeadParallel
+
+    def get_extra_state(self) -> Tensor:
+        """Saved as ``_extra_state`` in the state_dict: which shard it holds, ``[rank,
+        world_size]`` (a tensor, so code that treats every value as one keeps working). A
+        plain ``state_dict()`` of a sharded layer is this rank's shard under the full layer's
+        keys; loading another rank's shard (the same shapes) would silently mix heads."""
+        info = self.head_parallel
+        return torch.tensor([info.rank, info.world_size])
+
+    def set_extra_state(self, state: object) -> None:
+        info = self.head_parallel
+        held = state.tolist() if isinstance(state, Tensor) else state
+        if held != [info.rank, info.world_size]:
+            raise ValueError(
+                invalid(
+                    "state_dict",
+                    f"this rank's own shard (rank {info.rank} of {info.world_size}): save a "
+                    "sharded layer's state_dict() on every rank and load each on its own, or "
+                    "use full_state_dict / checkpoint_state",
+                    f"the shard of [rank, world_size] = {held!r}",
+                )
+            )
 
     def forward(
         self,
@@ -697,6 +721,15 @@ def shard_heads(layer: MultiheadAttention, group: object = None) -> MultiheadAtt
                 f"a layer already sharded: {layer.head_parallel!r}",
             )
         )
+    if getattr(layer, "_context_parallel", None) is not None:
+        raise ValueError(
+            invalid(
+                "layer",
+                "a layer that is not context parallel (shard_heads and context_parallel do "
+                "not combine)",
+                "a layer made context parallel by context_parallel",
+            )
+        )
     group, mesh = _resolve_group(group)
     P, rank = dist.get_world_size(group), dist.get_rank(group)
     if rank < 0:
@@ -768,7 +801,8 @@ def full_state_dict(layer: MultiheadAttention) -> dict[str, Tensor]:
     """The full (single-process) layer's state_dict, gathered on every rank (collective): the
     same keys, order and values as before :func:`shard_heads`. Without options beyond torch's
     it loads strictly into ``torch.nn.MultiheadAttention``."""
-    return gather_full(layer, layer.state_dict())
+    local = {k: v for k, v in layer.state_dict().items() if k != "_extra_state"}
+    return gather_full(layer, local)
 
 
 def _dcp_mesh(info: HeadParallel, device_type: str):

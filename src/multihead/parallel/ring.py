@@ -1004,9 +1004,30 @@ def _allgather_attention(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, keep_scor
     return out, lse, scores
 
 
-def _captured(mod: object) -> list[Tensor]:
+def _graph_leaves(result: Tensor) -> list[Tensor]:
+    """The leaf tensors ``result``'s autograd graph reaches (its AccumulateGrad nodes)."""
+    leaves: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [result.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            leaves.append(variable)
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return leaves
+
+
+def _captured(mod: object, like: Tensor | None = None) -> list[Tensor]:
     """Floating tensors needing grad that ``mod`` holds: an nn.Module's parameters, tensors
-    (and modules) in its closure or attributes. The ring's backward returns their gradients."""
+    (and modules) in its closure or attributes, and every leaf its result's autograd graph
+    reaches when called once on a point (``like``'s dtype and device; this finds tensors held
+    through ``functools.partial``, lists, wrappers and bound methods too). The ring's backward
+    returns their gradients."""
     found: list[Tensor] = []
 
     def add(x: object) -> None:
@@ -1026,6 +1047,17 @@ def _captured(mod: object) -> list[Tensor]:
     if not isinstance(mod, nn.Module):
         for value in getattr(mod, "__dict__", {}).values():
             add(value)
+    if like is not None and callable(mod) and torch.is_grad_enabled():
+        index = torch.zeros((), dtype=torch.long, device=like.device)
+        score = torch.zeros((), dtype=like.dtype, device=like.device)
+        try:
+            result = mod(score, index, index, index, index)
+        except Exception:
+            result = None
+        if isinstance(result, Tensor) and result.requires_grad:
+            found.extend(
+                x for x in _graph_leaves(result) if x.is_floating_point() and x.requires_grad
+            )
     unique: dict[int, Tensor] = {}
     for x in found:
         unique.setdefault(id(x), x)
@@ -1136,7 +1168,7 @@ class _ContextParallel:
             work=work,
         )
         if config.comm == "ring":
-            spec.extras = _captured(score_mod)
+            spec.extras = _captured(score_mod, q)
             spec.scores = {} if need_weights else None
             out, lse = _RingAttention.apply(spec, q, k, v, *spec.extras)
             scores = norm = None
@@ -1220,6 +1252,14 @@ def context_parallel(
     """
     if not isinstance(layer, MultiheadAttention):
         raise TypeError(invalid("layer", "a multihead.MultiheadAttention", describe(layer)))
+    if getattr(layer, "head_parallel", None) is not None:
+        raise ValueError(
+            invalid(
+                "layer",
+                "a layer not sharded over heads (context_parallel and shard_heads do not combine)",
+                "a layer made head parallel by shard_heads",
+            )
+        )
     _check_choice("balance", balance, _BALANCES)
     _check_choice("comm", comm, _COMMS)
     if layer.bias_k is not None or layer.add_zero_attn:
