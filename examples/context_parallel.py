@@ -22,6 +22,8 @@ out, _ = layer(shard, shard, shard, is_causal=True, need_weights=False)
 torch.testing.assert_close(gather_sequence(out, dim=1), reference)  # the whole, in order
 out.sum().backward()  # exact gradients; parameter gradients are this rank's part: sum them
 if dist.get_rank() == 0:
-    print(f"{dist.get_world_size()} ranks: gathered output equals one process")
+    print(f"{dist.get_world_size()} ranks: gathered output equals one process", flush=True)
+print(f"rank {dist.get_rank()} ok", flush=True)
+del layer, out  # no autograd graph left holding the group's work
 dist.barrier()  # every rank done before the group goes away
 dist.destroy_process_group()

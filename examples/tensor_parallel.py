@@ -22,6 +22,11 @@ torch.testing.assert_close(out, reference)
 out.sum().backward()  # every rank's gradients are exact for its own shard
 full = full_state_dict(layer)  # the single-process state_dict, gathered on every rank
 if dist.get_rank() == 0:
-    print(f"{dist.get_world_size()} ranks: output equals one process; state_dict keys {list(full)}")
+    print(
+        f"{dist.get_world_size()} ranks: output equals one process; state_dict keys {list(full)}",
+        flush=True,
+    )
+print(f"rank {dist.get_rank()} ok", flush=True)
+del layer, out  # no autograd graph left holding the group's work
 dist.barrier()  # every rank done before the group goes away
 dist.destroy_process_group()
