@@ -37,7 +37,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Debian's Chromium for the viewer's browser tests, installed when missing (.ci/browser).
 test: lint
+	bash .ci/browser
 	$(PY) -m pytest
 
 format: $(STAMP)
