@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -176,3 +177,10 @@ def to_batch_first(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     if not cfg.batched:
         return x.unsqueeze(0)
     return x if cfg.batch_first else x.transpose(0, 1)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo process group or torchrun)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -11,7 +11,6 @@ import copy
 import datetime
 import json
 import os
-import socket
 import traceback
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from multihead import MultiheadAttention, mods
 
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.skipif(
 TOL = 1e-10
 E, H, N, L, S = 16, 8, 2, 5, 6
 F64 = torch.float64
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +682,7 @@ def _worker(rank: int, world: int, port: int, base: str) -> None:
 def test_head_parallel(world: int, tmp_path, record_error) -> None:
     mp.start_processes(
         _worker,
-        args=(world, _free_port(), str(tmp_path)),
+        args=(world, free_port(), str(tmp_path)),
         nprocs=world,
         join=True,
         start_method="spawn",

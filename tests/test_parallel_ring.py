@@ -14,7 +14,6 @@ import copy
 import datetime
 import json
 import os
-import socket
 import traceback
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from multihead import MultiheadAttention, mods
 
@@ -560,12 +560,6 @@ def bad_inputs(rank: int, world: int) -> dict:
 # -- the processes ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -596,7 +590,7 @@ def _results(world: int, tmp_path_factory: pytest.TempPathFactory) -> list[dict]
     if world not in _RUNS:
         out_dir = str(tmp_path_factory.mktemp(f"ring{world}"))
         try:
-            mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, free_port(), out_dir), nprocs=world, join=True)
             runs = []
             for rank in range(world):
                 with open(os.path.join(out_dir, f"rank{rank}.json")) as f:

@@ -184,3 +184,19 @@ def test_rolling_cache_refuses_mods_and_another_window_and_changes_nothing():
             layer(x, x, x, cache=cache)
     assert torch.equal(cache.k, before[0]) and torch.equal(cache.slot_positions, before[1])
     assert cache.length == before[2]
+
+
+def test_a_cache_made_under_inference_mode_decodes_under_no_grad():
+    layer = build(embed_dim=8, num_heads=2, window=3)
+    x = torch.randn(1, 7, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        made = layer.new_cache(1, 3, rolling=True, sink_tokens=1)
+    fresh = layer.new_cache(1, 3, rolling=True, sink_tokens=1)
+    with torch.no_grad():
+        for t in range(7):
+            token = x[:, t : t + 1]
+            a, _ = layer(token, token, token, cache=made)
+            b, _ = layer(token, token, token, cache=fresh)
+            assert torch.equal(a, b)
+    assert not any(buffer.is_inference() for buffer in made.buffers())
+    assert torch.equal(made.slot_positions, fresh.slot_positions) and made.length == 7

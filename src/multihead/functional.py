@@ -196,15 +196,11 @@ def attention(
     sinks_causal = sink_alone and causal
     if sinks is not None:
         # The sink is one more key slot (zero key, zero value) whose logit comes from the
-        # mask; the causal flag (top-left over S + 1 keys) would hide it, so it joins the mask.
+        # mask. Alone, its causal flag goes to AttentionMask.sinks_causal; with a mask (not
+        # tiled), _fold_causal has already put causality into it; tiled, it stays a mod.
         if sink_alone:
             causal = False
         else:
-            if causal and not tiled:  # (with a mask, _fold_causal has already added it)
-                folded = causal_mask(q.shape[2], key_len, q.dtype, q.device).view(
-                    1, 1, q.shape[2], key_len
-                )
-                causal = False
             if folded is not None:
                 folded = F.pad(folded, (0, 1))
             folded = with_sink_logits(folded, sinks.to(q.dtype), key_len + 1)

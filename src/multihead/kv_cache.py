@@ -85,14 +85,7 @@ class KVCache(nn.Module):
         shapes first; values are stored in the cache's dtype (under autocast the new keys may
         come in a lower precision).
         """
-        if (
-            not torch.compiler.is_compiling()
-            and self.k.is_inference()
-            and not torch.is_inference_mode_enabled()
-        ):
-            # Made under inference_mode, used outside it: inference tensors cannot be written
-            # there, so the buffers become ordinary tensors (one copy, once).
-            self.k, self.v, self.position = self.k.clone(), self.v.clone(), self.position.clone()
+        self._writable()
         slots = self.position + torch.arange(k_new.shape[2], device=self.position.device)
         if k_new.dtype != self.k.dtype:  # under autocast: stored in the cache's precision
             k_new, v_new = k_new.to(self.k.dtype), v_new.to(self.v.dtype)
@@ -100,6 +93,17 @@ class KVCache(nn.Module):
         self.v.index_copy_(2, slots, v_new)
         self.position += k_new.shape[2]
         return self.k, self.v
+
+    def _writable(self) -> None:
+        """Made under inference_mode, used outside it: inference tensors cannot be written
+        there, so the buffers become ordinary tensors (one copy, once)."""
+        if (
+            not torch.compiler.is_compiling()
+            and self.k.is_inference()
+            and not torch.is_inference_mode_enabled()
+        ):
+            for name, buffer in self._buffers.items():
+                self._buffers[name] = buffer.clone()
 
     def undo_point(self, tokens: int) -> tuple:
         """What :meth:`undo` needs to take back the next :meth:`update` of ``tokens`` tokens
@@ -205,13 +209,7 @@ class RollingKVCache(KVCache):
         """Writes the T new tokens after a successful call: positions below ``sink_tokens`` to
         their own slot, the others to ring slot ``s + (p - s) mod max_len`` (a later token of
         the call wins a slot over an earlier one), and advances the fill level."""
-        if (
-            not torch.compiler.is_compiling()
-            and self.k.is_inference()
-            and not torch.is_inference_mode_enabled()
-        ):
-            self.k, self.v = self.k.clone(), self.v.clone()
-            self.position, self.slot_positions = self.position.clone(), self.slot_positions.clone()
+        self._writable()
         tokens, sinks = k_new.shape[2], self.sink_tokens
         device = self.position.device
         positions = self.position + torch.arange(tokens, device=device)  # (T,)

@@ -34,11 +34,11 @@ from .projection import (
     split_packed_heads,
 )
 from .rotary import apply_rotary, rotary_cos_sin
-from .transforms import functional_autodiff
 from .validation import (
     autocast_enabled,
     check_dropout,
     check_extras,
+    check_finite_sinks,
     check_heads,
     check_inputs,
     check_kv_heads,
@@ -591,6 +591,13 @@ class MultiheadAttention(nn.Module):
             cache.commit(*new)
         if sinks is not None and weights is not None:
             weights = weights[..., :-1]  # the sink attends to nothing: no column of its own
+        return self._output(out, weights, query, call)
+
+    def _output(
+        self, out: Tensor, weights: Tensor | None, query: Tensor, call: _Call
+    ) -> tuple[Tensor, Tensor | None]:
+        """Heads ``(N, H, L, D)`` -> the call's output: merged, gated (``output_gate``),
+        out-projected, and unbatched again for an unbatched call (the weights too)."""
         out = merge_heads(out, call.batch_first)  # (N, L, H * D) or (L, N, H * D)
         if self.output_gate:
             out = out * self._gate(query, call.is_batched)
@@ -725,17 +732,8 @@ class MultiheadAttention(nn.Module):
             autocast=autocast,
         )
         check_mods(mask_mod, score_mod)
-        sinks = self.sinks
-        if (
-            sinks is not None
-            and not torch.compiler.is_compiling()
-            and not functional_autodiff(sinks)
-            and not bool(torch.isfinite(sinks).all())
-        ):
-            # +inf makes every output NaN, -inf a row without keys NaN: refused, not returned.
-            raise ValueError(
-                invalid("sinks", "finite sink logits (layer.sinks)", "a non-finite value")
-            )
+        if self.sinks is not None:
+            check_finite_sinks(self.sinks)
         if cache is not None and cache.rolling:
             if mask_mod is not None or score_mod is not None:
                 raise ValueError(

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import mods
 from .transforms import functional_autodiff
+from .validation import invalid
 
 
 def to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -177,9 +178,11 @@ def canonical_mask(
     """
     if sinks is not None and (extra_keys < 1 or tuple(sinks.shape) != (num_heads,)):
         raise ValueError(
-            f"Invalid argument `sinks`: expected shape ({num_heads},) and extra_keys >= 1 (the "
-            f"last extra slot is the sink's). Received: shape {tuple(sinks.shape)}, "
-            f"extra_keys={extra_keys}."
+            invalid(
+                "sinks",
+                f"shape ({num_heads},) and extra_keys >= 1 (the last extra slot is the sink's)",
+                f"shape {tuple(sinks.shape)}, extra_keys={extra_keys}",
+            )
         )
     window = effective_window(window, query_len, key_len)
     no_offset = isinstance(query_offset, int) and query_offset == 0

@@ -389,12 +389,17 @@ def check_attention_arguments(
             raise ValueError(
                 invalid("sinks", f"shape ({heads},) (one logit per query head)", sinks.shape)
             )
-        # +inf or NaN would make every output NaN, -inf a row without keys NaN (data-dependent:
-        # not asked under torch.func transforms or torch.compile, which cannot branch on it).
-        if not (functional_autodiff(sinks) or torch.compiler.is_compiling()) and not bool(
-            torch.isfinite(sinks).all()
-        ):
-            raise ValueError(invalid("sinks", "finite logits", "a non-finite value"))
+        check_finite_sinks(sinks)
+
+
+def check_finite_sinks(sinks: Tensor) -> None:
+    """Sink logits must be finite: +inf or NaN would make every output NaN, -inf a row whose
+    keys are all masked NaN. Data-dependent, so not asked under torch.func transforms or
+    torch.compile, which cannot branch on it."""
+    if functional_autodiff(sinks) or torch.compiler.is_compiling():
+        return
+    if not bool(torch.isfinite(sinks).all()):
+        raise ValueError(invalid("sinks", "finite sink logits", "a non-finite value"))
 
 
 def check_mods(mask_mod: object, score_mod: object) -> None:

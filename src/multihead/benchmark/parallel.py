@@ -76,21 +76,9 @@ def _run(rank: int, world: int, port: int, mode: str, length: int, out_dir: str)
         with count_bytes() as counter:
             result = peak_of(call, torch.device("cpu"))
         counted = counter.forward_sent + counter.backward_sent
-        expected = ring_bytes(
-            batch=1,
-            kv_heads=HEADS,
-            head_dim=EMBED // HEADS,
-            seq_len=length,
-            world=world,
-            dtype=torch.float32,
-        ) + ring_bytes(
-            batch=1,
-            kv_heads=HEADS,
-            head_dim=EMBED // HEADS,
-            seq_len=length,
-            world=world,
-            dtype=torch.float32,
-            backward=True,
+        sizes = dict(batch=1, kv_heads=HEADS, head_dim=EMBED // HEADS, seq_len=length, world=world)
+        expected = ring_bytes(**sizes, dtype=torch.float32) + ring_bytes(
+            **sizes, dtype=torch.float32, backward=True
         )
     else:
         result = peak_of(call, torch.device("cpu"))

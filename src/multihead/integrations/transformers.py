@@ -65,6 +65,11 @@ import torch
 from torch import Tensor
 
 from .. import functional
+from ..logits import scale as _default_scale
+from ..masks import to_additive
+from ..validation import check_dropout as _check_dropout
+from ..validation import check_softcap as _check_softcap
+from ..validation import describe as _describe
 from ..validation import invalid as _invalid
 
 __all__ = ["multihead_attention_forward", "multihead_mask", "register"]
@@ -150,7 +155,7 @@ def multihead_mask(*args: Any, dtype: torch.dtype = torch.float32, **kwargs: Any
     from transformers.masking_utils import sdpa_mask
 
     mask = sdpa_mask(*args, **kwargs)
-    return None if mask is None else _additive_from_bool(mask, dtype)
+    return None if mask is None else to_additive(~mask, dtype)
 
 
 def multihead_attention_forward(
@@ -237,11 +242,6 @@ def multihead_attention_forward(
     return out.transpose(1, 2).contiguous(), weights  # (N, L, H, D), (N, H, L, S) | None
 
 
-def _default_scale(head_dim: int) -> float:
-    """The scale the core applies (``multihead.logits.scale``)."""
-    return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-
-
 def _wants_weights(module: object, kwargs: dict[str, Any]) -> bool:
     """Whether transformers will record this layer's weights: the ``output_attentions``
     keyword when the caller gave it (``capture_outputs`` lets it override the config), else
@@ -250,12 +250,6 @@ def _wants_weights(module: object, kwargs: dict[str, Any]) -> bool:
     if flag is None:
         flag = getattr(getattr(module, "config", None), "output_attentions", False)
     return bool(flag)
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"an object of type {type(x).__name__}"
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
@@ -295,30 +289,6 @@ def _check_scaling(scaling: object, head_dim: int) -> float:
     return float(scaling)
 
 
-def _check_dropout(dropout: object) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-        raise TypeError(_invalid("dropout", "a float in [0, 1]", f"dropout={dropout!r}"))
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(_invalid("dropout", "a float in [0, 1]", f"dropout={dropout!r}"))
-    return float(dropout)
-
-
-def _check_softcap(softcap: object) -> float | None:
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(_invalid("softcap", "a float > 0 or None", f"softcap={softcap!r}"))
-    if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(_invalid("softcap", "a finite float > 0 or None", f"softcap={softcap!r}"))
-    return float(softcap)
-
-
-def _additive_from_bool(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Bool (True = attend) -> additive of ``dtype`` (0 = attend, -inf = masked)."""
-    zeros = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return zeros.masked_fill(~mask, float("-inf"))
-
-
 def _additive_mask(
     name: str, mask: object, query: Tensor, target: tuple[int, int, int, int]
 ) -> Tensor | None:
@@ -341,7 +311,7 @@ def _additive_mask(
     if mask.dim() != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target, strict=True)):
         raise ValueError(_invalid(name, expected, _describe(mask)))
     if mask.dtype == torch.bool:
-        return _additive_from_bool(mask, query.dtype)
+        return to_additive(~mask, query.dtype)
     return mask.to(device=query.device, dtype=query.dtype)
 
 
@@ -351,14 +321,15 @@ def _sinks(module: object, s_aux: object, query: Tensor) -> Tensor | None:
         sinks = getattr(module, "sinks", None)
         if not isinstance(sinks, Tensor):
             return None
-        return sinks if _check_sinks("module.sinks", sinks, query) else None
-    return s_aux if _check_sinks("s_aux", s_aux, query) else None
+        _check_sinks("module.sinks", sinks, query)
+        return sinks
+    _check_sinks("s_aux", s_aux, query)
+    return s_aux
 
 
-def _check_sinks(name: str, sinks: object, query: Tensor) -> bool:
+def _check_sinks(name: str, sinks: object, query: Tensor) -> None:
     if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
         raise TypeError(_invalid(name, "a floating-point tensor of shape (H,)", _describe(sinks)))
     heads = query.shape[1]
     if sinks.shape != (heads,):
         raise ValueError(_invalid(name, f"shape ({heads},), one logit per head", _describe(sinks)))
-    return True

@@ -865,7 +865,7 @@ def dcp_state_dict(layer: MultiheadAttention) -> dict[str, Tensor]:
 
 def _packed_blocks(layer: MultiheadAttention, key: str) -> list[int] | None:
     # in_proj_bias is packed (q, k, v) even when the weights are separate (kdim / vdim).
-    if key != "in_proj_bias" and (key != "in_proj_weight" or layer.in_proj_weight is None):
+    if key not in ("in_proj_weight", "in_proj_bias"):  # (a key names a parameter present)
         return None
     q = layer.num_heads * layer.head_dim
     kv = layer.num_kv_heads * layer.head_dim

@@ -38,10 +38,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .. import mods
-from ..layer import MultiheadAttention, _bias_like
+from ..layer import MultiheadAttention
 from ..logits import attention_logits, scale, summed_over_groups, weighted_values
-from ..masks import position_mask
-from ..projection import merge_heads
+from ..masks import position_mask, to_additive
 from ..rotary import apply_rotary, rotary_cos_sin
 from ..tiled import _FLASH_CPU, _FLASH_CPU_BACKWARD
 from ..validation import describe, invalid
@@ -1146,12 +1145,8 @@ class _ContextParallel:
         if call.segment_ids is not None:
             segments = F.pad(call.segment_ids.long(), (0, padded - local))
         if key_padding_mask is not None:
-            mask = key_padding_mask.reshape(call.batch_size, local)
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, dtype=work, device=device).masked_fill(
-                    mask, float("-inf")
-                )
-            padding = F.pad(mask.detach().to(work), (0, padded - local))
+            mask = key_padding_mask.reshape(call.batch_size, local).detach()
+            padding = F.pad(to_additive(mask, work), (0, padded - local))
         window = self.window
         if window is not None and window >= layout.length:
             window = None  # no limit (and no huge ints in int64 arithmetic)
@@ -1192,15 +1187,7 @@ class _ContextParallel:
             weights = torch.exp(scores - top).to(q.dtype)  # (N, H, Lr, L)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
-        out = merge_heads(out, call.batch_first)
-        if self.output_gate:
-            out = out * self._gate(query, call.is_batched)
-        out_proj = self.out_proj
-        out = F.linear(out, out_proj.weight, _bias_like(out_proj.bias, out_proj.weight))
-        if not call.is_batched:
-            out = out.squeeze(0)
-            weights = None if weights is None else weights.squeeze(0)
-        return out, weights
+        return self._output(out, weights, query, call)
 
 
 class ContextParallelMultiheadAttention(_ContextParallel, MultiheadAttention):
