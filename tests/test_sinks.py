@@ -194,3 +194,71 @@ def test_canonical_mask_refuses_sinks_without_their_slot():
             device=torch.device("cpu"),
             sinks=torch.zeros(2),
         )
+
+
+# -- edge-case attack findings (each failed before its fix) -----------------------------------
+
+
+@pytest.mark.parametrize("small_calls_explicit", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_a_row_without_keys_and_nan_in_its_masked_keys_gives_zero_with_sinks(
+    small_calls_explicit, need_weights, training, is_causal, monkeypatch
+):
+    """Its whole weight goes to the sink: output out_proj.bias (attention zero, selected, not
+    multiplied), weights zero; the NaN held by its masked keys and values never reaches it."""
+    if not small_calls_explicit:
+        monkeypatch.setattr(functional, "SMALL_SCORES", 0)
+    torch.manual_seed(0)
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True, sinks=True).train(training)
+    with torch.no_grad():
+        layer.sinks.normal_()
+        layer.out_proj.bias.normal_()
+    x = torch.randn(2, 5, 8)
+    kv = x.clone()
+    kv[1] = float("nan")
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1] = True  # batch row 1: every key is padding
+    out, w = layer(x, kv, kv, key_padding_mask=kpm, need_weights=need_weights, is_causal=is_causal)
+    assert torch.equal(out[1], layer.out_proj.bias.expand(5, 8))
+    assert torch.isfinite(out[0]).all()
+    if need_weights:
+        assert torch.equal(w[1], torch.zeros_like(w[1])) and torch.isfinite(w).all()
+
+
+def test_functional_sinks_that_overflow_the_query_dtype_are_refused():
+    q, k, v = (torch.randn(1, 2, 3, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=r"`sinks`.*finite"):
+        functional.attention(q, k, v, sinks=torch.tensor([1e300, 0.0], dtype=torch.float64))
+    half = [t.half() for t in (q, k, v)]
+    with pytest.raises(ValueError, match=r"`sinks`.*finite"):
+        functional.attention(*half, sinks=torch.tensor([7e4, 0.0]))
+
+
+def test_a_zero_token_call_on_a_rolling_cache_changes_nothing():
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True, window=3, sinks=True).eval()
+    cache = layer.new_cache(1, 3, rolling=True, sink_tokens=1)
+    x = torch.randn(1, 4, 8)
+    empty = torch.randn(1, 0, 8)
+    with torch.no_grad():
+        layer(x, x, x, cache=cache)
+        before = [b.clone() for b in cache.buffers()]
+        out, w = layer(empty, empty, empty, cache=cache)
+    assert out.shape == (1, 0, 8) and w.shape[1] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers(), strict=True))
+
+
+@pytest.mark.parametrize("rolling", [False, True])
+def test_a_gate_of_another_dtype_is_refused_before_the_cache_changes(rolling):
+    layer = multihead.MultiheadAttention(8, 2, batch_first=True, window=3, output_gate=True)
+    layer.eval()
+    cache = layer.new_cache(1, 8 if not rolling else 3, rolling=rolling)
+    x = torch.randn(1, 2, 8)
+    with torch.no_grad():
+        layer(x, x, x, cache=cache)
+        before = [b.clone() for b in cache.buffers()]
+        layer.gate_proj.double()
+        with pytest.raises(TypeError, match=r"`gate_proj.weight`.*dtype torch.float32"):
+            layer(x, x, x, cache=cache)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.buffers(), strict=True))

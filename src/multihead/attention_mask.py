@@ -89,6 +89,9 @@ class AttentionMask:
     # sink_slot_form(), the sink as a masked key slot.
     sinks: Tensor | None = None
     sinks_causal: bool = False
+    # The last extra slot is an attention sink's (in `user`): a row whose other columns are all
+    # masked counts as empty (multihead.masks.split_empty_rows).
+    sink_slot: bool = False
 
     @classmethod
     def build(
@@ -206,7 +209,9 @@ class AttentionMask:
             score_mod=score_mod,
             softcap=softcap,
             dtype=dtype,
-            rows_keep_a_key=keeps or extra_keys > 0,
+            # A sink attends to nothing: only other extra slots keep a row's key.
+            rows_keep_a_key=keeps or extra_keys > int(sinks is not None),
+            sink_slot=sinks is not None,
         )
 
     # -- what the call needs ------------------------------------------------------------
@@ -231,7 +236,9 @@ class AttentionMask:
             device=self.sinks.device,
             sinks=self.sinks,
         )
-        return dataclasses.replace(self, user=_four_dims(user), sinks=None, sinks_causal=False)
+        return dataclasses.replace(
+            self, user=_four_dims(user), sinks=None, sinks_causal=False, sink_slot=True
+        )
 
     @property
     def needs_tiles(self) -> bool:

@@ -217,7 +217,8 @@ def attention(
         score_mod=score_mod,
         softcap=softcap,
         dtype=q.dtype,
-        rows_keep_a_key=(mask is None and mask_mod is None) or sinks is not None,
+        rows_keep_a_key=mask is None and mask_mod is None,
+        sink_slot=sinks is not None and not sink_alone,
         sinks=sinks.to(q.dtype) if sink_alone else None,
         sinks_causal=sinks_causal,
     )
@@ -269,7 +270,9 @@ def attention_core(
         )
     tensor, is_causal = mask.sdpa_args()
     softcap = mask.softcap
-    tensor, empty = split_empty_rows(tensor) if mask.may_empty_rows else (tensor, None)
+    tensor, empty = (
+        split_empty_rows(tensor, mask.sink_slot) if mask.may_empty_rows else (tensor, None)
+    )
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, tensor)
     )

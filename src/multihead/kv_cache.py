@@ -209,8 +209,10 @@ class RollingKVCache(KVCache):
         """Writes the T new tokens after a successful call: positions below ``sink_tokens`` to
         their own slot, the others to ring slot ``s + (p - s) mod max_len`` (a later token of
         the call wins a slot over an earlier one), and advances the fill level."""
-        self._writable()
         tokens, sinks = k_new.shape[2], self.sink_tokens
+        if tokens == 0:  # nothing to write (and nothing to index the new tokens with)
+            return
+        self._writable()
         device = self.position.device
         positions = self.position + torch.arange(tokens, device=device)  # (T,)
         ring = sinks + torch.remainder(positions - sinks, self.recent)

@@ -243,7 +243,9 @@ def with_sink_logits(mask: Tensor | None, sinks: Tensor, columns: int) -> Tensor
     return column if mask is None else mask + column
 
 
-def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+def split_empty_rows(
+    mask: Tensor | None, sink_slot: bool = False
+) -> tuple[Tensor | None, Tensor | None]:
     """Finds the query rows whose keys are all masked, and unmasks them for the kernel.
 
     Softmax over an empty set is undefined; we define the attention of such a row as zero.
@@ -252,6 +254,10 @@ def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
 
     Args:
         mask: additive mask broadcastable to ``(N, H, L, S)``, or None.
+        sink_slot: the last column is an attention sink's (see :func:`with_sink_logits`): a
+            row whose other columns are all masked is empty too (its whole weight goes to the
+            sink, which attends to nothing: output and real weights zero), so that its masked
+            keys' values, NaN included, never reach the output.
 
     Returns:
         ``(mask, empty)``: the mask with empty rows set to 0, and a bool ``(..., L, 1)`` tensor
@@ -259,5 +265,6 @@ def split_empty_rows(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
     """
     if mask is None:
         return None, None
-    empty = (mask == float("-inf")).all(dim=-1, keepdim=True)  # (..., L, 1)
+    keys = mask[..., :-1] if sink_slot else mask
+    empty = (keys == float("-inf")).all(dim=-1, keepdim=True)  # (..., L, 1)
     return mask.masked_fill(empty, 0.0), empty

@@ -166,6 +166,8 @@ def check_parameter_dtypes(layer: torch.nn.Module, dtype: torch.dtype, autocast:
     owners = [("", layer), ("out_proj.", layer.out_proj)]
     if layer.qk_norm:
         owners += [("q_norm.", layer.q_norm), ("k_norm.", layer.k_norm)]
+    if getattr(layer, "output_gate", False):
+        owners.append(("gate_proj.", layer.gate_proj))
     for prefix, module in owners:
         for name, param in module._parameters.items():
             if param is None:
@@ -389,14 +391,14 @@ def check_attention_arguments(
             raise ValueError(
                 invalid("sinks", f"shape ({heads},) (one logit per query head)", sinks.shape)
             )
-        check_finite_sinks(sinks)
+        check_finite_sinks(sinks.to(q.dtype))  # as they are used: a cast may overflow
 
 
 def check_finite_sinks(sinks: Tensor) -> None:
     """Sink logits must be finite: +inf or NaN would make every output NaN, -inf a row whose
     keys are all masked NaN. Data-dependent, so not asked under torch.func transforms or
     torch.compile, which cannot branch on it."""
-    if functional_autodiff(sinks) or torch.compiler.is_compiling():
+    if functional_autodiff(sinks) or torch.compiler.is_compiling() or sinks.is_meta:
         return
     if not bool(torch.isfinite(sinks).all()):
         raise ValueError(invalid("sinks", "finite sink logits", "a non-finite value"))
